@@ -1,0 +1,511 @@
+// Fused ICD loss on the CPU: forward and backward without any N x N buffer.
+//
+// The logit matrix L = kappa S T^T is cut into square tiles. A worker owns a set of unordered
+// tile pairs {I, J} (I <= J) and, for each, forms both tiles L_IJ and L_JI with one BLAS call
+// each; every logit is therefore computed (and exponentiated) exactly once per pass. A tile
+// pair feeds the statistics of rows I and of rows J, so each worker keeps private partial
+// statistics (length N) or gradients (N x D) that are merged in worker order at the end:
+// the result is the same bits on every call with the same thread count.
+//
+// Tiles are stored as cos_x[i][j] = <s_i, t_j> and cos_y[i][j] = <s_j, t_i> (i in I, j in J),
+// so L_ij and L_ji of the same pair sit at the same index and the inner loops run contiguously
+// over j in both.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#include "../icd_checks.h"
+#include "../icd_math.h"
+
+namespace icd_fast::cpu {
+namespace {
+
+// Tile edge: a 128 x 128 fp32 tile is 64 KiB, and four of them (two logit tiles, two gradient
+// tiles) stay in a core's L2.
+constexpr int64_t kTile = 128;
+
+// The unordered tile pairs in a fixed order, cut into contiguous, equally long ranges.
+struct TilePlan {
+  int64_t n;
+  int64_t num_tiles;
+  std::vector<std::pair<int32_t, int32_t>> pairs;
+  int64_t num_workers;
+
+  explicit TilePlan(int64_t n_rows) : n(n_rows), num_tiles((n_rows + kTile - 1) / kTile) {
+    pairs.reserve(num_tiles * (num_tiles + 1) / 2);
+    for (int64_t a = 0; a < num_tiles; ++a)
+      for (int64_t b = a; b < num_tiles; ++b) pairs.emplace_back(a, b);
+    num_workers = std::max<int64_t>(
+        1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(pairs.size())));
+  }
+  int64_t tile_begin(int64_t tile) const { return tile * kTile; }
+  int64_t tile_size(int64_t tile) const { return std::min(kTile, n - tile * kTile); }
+  int64_t first_pair(int64_t worker) const {
+    return worker * static_cast<int64_t>(pairs.size()) / num_workers;
+  }
+};
+
+// Runs fn(worker) for every worker, in parallel.
+template <typename Fn>
+void for_each_worker(const TilePlan& plan, const Fn& fn) {
+  at::parallel_for(0, plan.num_workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) fn(w);
+  });
+}
+
+// A row-major (rows x cols) matrix in a worker's scratch buffer, as a tensor for BLAS.
+// (torch's BLAS is linked statically and reachable only through ATen's ops; their dispatch
+// costs a few microseconds, small next to a 128 x 128 x D product.)
+template <typename acc_t>
+at::Tensor matrix_view(acc_t* data, int64_t rows, int64_t cols) {
+  return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+}
+
+// cos_x = S_I T_J^T and cos_y = T_I S_J^T, row-major bi x bj. s and t are the normalised
+// features (n x d tensors).
+template <typename acc_t>
+void form_tiles(const at::Tensor& s, const at::Tensor& t, int64_t i0, int64_t bi, int64_t j0,
+                int64_t bj, bool diagonal, acc_t* cos_x, acc_t* cos_y) {
+  at::Tensor x = matrix_view(cos_x, bi, bj);
+  at::mm_out(x, s.narrow(0, i0, bi), t.narrow(0, j0, bj).t());
+  if (diagonal) {
+    // Mirror instead of a second product, so that L_ij and L_ji read the very same values.
+    for (int64_t i = 0; i < bi; ++i)
+      for (int64_t j = 0; j < bj; ++j) cos_y[i * bj + j] = cos_x[j * bj + i];
+  } else {
+    at::Tensor y = matrix_view(cos_y, bi, bj);
+    at::mm_out(y, t.narrow(0, i0, bi), s.narrow(0, j0, bj).t());
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+// One worker's partial sums over the logits it has seen. With the online maximum each sum
+// carries its own shift; with the fixed shift all shifts are kappa and never change.
+struct PartialSums {
+  std::vector<double> row_sum, col_sum, kl_sum, row_shift, col_shift;
+  PartialSums(int64_t n, double initial_shift)
+      : row_sum(n, 0.0), col_sum(n, 0.0), kl_sum(n, 0.0), row_shift(n, initial_shift),
+        col_shift(n, initial_shift) {}
+};
+
+// Moves sum(s) taken with shift `shift` onto shift `new_shift` (>= shift).
+inline void raise_shift(double& shift, double new_shift, double* sum_a, double* sum_b) {
+  if (!(new_shift > shift)) return;  // also false for NaN: the NaN reaches the sums later
+  const double factor = std::exp(shift - new_shift);
+  *sum_a *= factor;
+  if (sum_b) *sum_b *= factor;
+  shift = new_shift;
+}
+
+// Adds one tile pair to the partial sums. kBothHalves is false on a diagonal tile, where
+// cos_y is the mirror of cos_x and the X half alone already covers every logit once.
+template <typename acc_t, bool kBothHalves, bool kOnlineMax>
+void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
+                     acc_t kappa, int64_t i0, int64_t j0, PartialSums& p, acc_t* scratch) {
+  // Column partials of the tile (indexed by j): C_j and K_j from the X half, R_j from Y.
+  acc_t* col_c = scratch;
+  acc_t* col_k = scratch + bj;
+  acc_t* col_r = scratch + 2 * bj;
+  // Shifts per column j (online only): for C_j/K_j and for R_j.
+  acc_t* shift_cj = scratch + 3 * bj;
+  acc_t* shift_rj = scratch + 4 * bj;
+  std::fill(scratch, scratch + 3 * bj, acc_t(0));
+
+  if constexpr (kOnlineMax) {
+    // Pass 1: raise every shift this tile touches to the tile's maximum.
+    const acc_t lowest = -std::numeric_limits<acc_t>::infinity();
+    std::fill(shift_cj, shift_cj + bj, lowest);
+    std::fill(shift_rj, shift_rj + bj, lowest);
+    for (int64_t i = 0; i < bi; ++i) {
+      acc_t max_x = lowest, max_y = lowest;
+      for (int64_t j = 0; j < bj; ++j) {
+        const acc_t x = kappa * cos_x[i * bj + j];
+        const acc_t y = kappa * cos_y[i * bj + j];
+        max_x = x > max_x ? x : max_x;
+        shift_cj[j] = x > shift_cj[j] ? x : shift_cj[j];
+        if (kBothHalves) {
+          max_y = y > max_y ? y : max_y;
+          shift_rj[j] = y > shift_rj[j] ? y : shift_rj[j];
+        }
+      }
+      raise_shift(p.row_shift[i0 + i], max_x, &p.row_sum[i0 + i], nullptr);
+      if (kBothHalves)
+        raise_shift(p.col_shift[i0 + i], max_y, &p.col_sum[i0 + i], &p.kl_sum[i0 + i]);
+    }
+    for (int64_t j = 0; j < bj; ++j) {
+      raise_shift(p.col_shift[j0 + j], shift_cj[j], &p.col_sum[j0 + j], &p.kl_sum[j0 + j]);
+      if (kBothHalves) raise_shift(p.row_shift[j0 + j], shift_rj[j], &p.row_sum[j0 + j], nullptr);
+      shift_cj[j] = static_cast<acc_t>(p.col_shift[j0 + j]);
+      shift_rj[j] = static_cast<acc_t>(p.row_shift[j0 + j]);
+    }
+  }
+
+  // Pass 2: the exponentials. With the fixed shift one exp per logit serves both the row
+  // sum and the column sum it belongs to.
+  const acc_t fixed_shift = kappa;
+  for (int64_t i = 0; i < bi; ++i) {
+    const acc_t* xr = cos_x + i * bj;
+    const acc_t* yr = cos_y + i * bj;
+    const acc_t shift_ri = static_cast<acc_t>(p.row_shift[i0 + i]);
+    const acc_t shift_ci = static_cast<acc_t>(p.col_shift[i0 + i]);
+    acc_t row_r = 0, row_c = 0, row_k = 0;
+#pragma omp simd reduction(+ : row_r, row_c, row_k)
+    for (int64_t j = 0; j < bj; ++j) {
+      const acc_t x = kappa * xr[j];
+      const acc_t y = kappa * yr[j];
+      acc_t ex_row, ex_col;
+      if constexpr (kOnlineMax) {
+        ex_row = exp_acc<acc_t>(x - shift_ri);
+        ex_col = exp_acc<acc_t>(x - shift_cj[j]);
+      } else {
+        ex_row = ex_col = exp_acc<acc_t>(x - fixed_shift);
+      }
+      row_r += ex_row;
+      col_c[j] += ex_col;
+      col_k[j] += ex_col * (x - y);
+      if constexpr (kBothHalves) {
+        acc_t ey_row, ey_col;
+        if constexpr (kOnlineMax) {
+          ey_row = exp_acc<acc_t>(y - shift_rj[j]);
+          ey_col = exp_acc<acc_t>(y - shift_ci);
+        } else {
+          ey_row = ey_col = exp_acc<acc_t>(y - fixed_shift);
+        }
+        col_r[j] += ey_row;
+        row_c += ey_col;
+        row_k += ey_col * (y - x);
+      }
+    }
+    p.row_sum[i0 + i] += row_r;
+    p.col_sum[i0 + i] += row_c;
+    p.kl_sum[i0 + i] += row_k;
+  }
+  for (int64_t j = 0; j < bj; ++j) {
+    p.col_sum[j0 + j] += col_c[j];
+    p.kl_sum[j0 + j] += col_k[j];
+    p.row_sum[j0 + j] += col_r[j];
+  }
+}
+
+template <typename acc_t, bool kOnlineMax>
+void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, acc_t* row_lse,
+                        acc_t* col_lse, acc_t* row_kl) {
+  const int64_t n = s.size(0);
+  const TilePlan plan(n);
+  const double initial_shift =
+      kOnlineMax ? -std::numeric_limits<double>::infinity() : static_cast<double>(kappa);
+  std::vector<PartialSums> partials(plan.num_workers, PartialSums(n, initial_shift));
+
+  for_each_worker(plan, [&](int64_t w) {
+    std::vector<acc_t> cos_x(kTile * kTile), cos_y(kTile * kTile), scratch(5 * kTile);
+    for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
+      const auto [ti, tj] = plan.pairs[q];
+      const int64_t i0 = plan.tile_begin(ti), bi = plan.tile_size(ti);
+      const int64_t j0 = plan.tile_begin(tj), bj = plan.tile_size(tj);
+      const bool diagonal = ti == tj;
+      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.data(), cos_y.data());
+      if (diagonal)
+        accumulate_tile<acc_t, false, kOnlineMax>(cos_x.data(), cos_y.data(), bi, bj, kappa,
+                                                  i0, j0, partials[w], scratch.data());
+      else
+        accumulate_tile<acc_t, true, kOnlineMax>(cos_x.data(), cos_y.data(), bi, bj, kappa,
+                                                 i0, j0, partials[w], scratch.data());
+    }
+  });
+
+  // Merge the workers in order, then turn the sums into the per-row statistics.
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      double row_shift = partials[0].row_shift[i], col_shift = partials[0].col_shift[i];
+      for (const auto& p : partials) {
+        row_shift = std::max(row_shift, p.row_shift[i]);
+        col_shift = std::max(col_shift, p.col_shift[i]);
+      }
+      double row_sum = 0, col_sum = 0, kl_sum = 0;
+      for (const auto& p : partials) {
+        // A worker that never saw row i still has shift -inf and sums 0: it adds nothing.
+        if (p.row_shift[i] != -std::numeric_limits<double>::infinity())
+          row_sum += p.row_sum[i] * std::exp(p.row_shift[i] - row_shift);
+        if (p.col_shift[i] != -std::numeric_limits<double>::infinity()) {
+          const double factor = std::exp(p.col_shift[i] - col_shift);
+          col_sum += p.col_sum[i] * factor;
+          kl_sum += p.kl_sum[i] * factor;
+        }
+      }
+      const RowStats<acc_t> st = finalize_row<acc_t>(row_sum, row_shift, col_sum, col_shift,
+                                                      kl_sum);
+      row_lse[i] = st.row_lse;
+      col_lse[i] = st.col_lse;
+      row_kl[i] = st.row_kl;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+// Builds the gradient tiles of one tile pair: gx[i][j] = G_ij and gy[i][j] = G_ji, and
+// returns sum_ij G_ij <s_i, t_j> over the logits of the pair (for d kappa).
+template <typename acc_t, bool kBothHalves>
+double gradient_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
+                     acc_t kappa, const acc_t* r_i, const acc_t* c_i, const acc_t* k_i,
+                     const acc_t* r_j, const acc_t* c_j, const acc_t* k_j, acc_t w_ce,
+                     acc_t w_kl, acc_t* gx, acc_t* gy) {
+  double dkappa = 0;
+  for (int64_t i = 0; i < bi; ++i) {
+    const acc_t* xr = cos_x + i * bj;
+    const acc_t* yr = cos_y + i * bj;
+    acc_t* gxr = gx + i * bj;
+    acc_t* gyr = gy + i * bj;
+    const acc_t ri = r_i[i], ci = c_i[i], ki = k_i[i];
+    acc_t dk = 0;
+#pragma omp simd reduction(+ : dk)
+    for (int64_t j = 0; j < bj; ++j) {
+      const acc_t on_diagonal = (!kBothHalves && i == j) ? acc_t(1) : acc_t(0);
+      const LogitGradPair<acc_t> g =
+          logit_grad_pair<acc_t>(kappa * xr[j], kappa * yr[j], ri, ci, ki, r_j[j], c_j[j],
+                                 k_j[j], on_diagonal, w_ce, w_kl);
+      gxr[j] = g.ij;
+      dk += g.ij * xr[j];
+      if constexpr (kBothHalves) {
+        gyr[j] = g.ji;
+        dk += g.ji * yr[j];
+      }
+    }
+    dkappa += dk;
+  }
+  return dkappa;
+}
+
+// rows_dst += a G cols_src and cols_dst += a G^T rows_src for a row-major gradient tile G
+// (bi x bj): with G = G_IJ this is dS_I += a G_IJ T_J and dT_J += a G_IJ^T S_I.
+template <typename acc_t>
+void scatter_gradient_tile(acc_t* g, int64_t bi, int64_t bj, const at::Tensor& rows_src,
+                           const at::Tensor& cols_src, acc_t a, at::Tensor rows_dst,
+                           at::Tensor cols_dst) {
+  const at::Tensor gt = matrix_view(g, bi, bj);
+  rows_dst.addmm_(gt, cols_src, 1, a);
+  cols_dst.addmm_(gt.t(), rows_src, 1, a);
+}
+
+// dS = kappa/N sum_j G_ij t_j and dT = kappa/N sum_i G_ij s_i into ds, dt (n x d, zeroed);
+// returns d loss / d kappa.
+template <typename acc_t>
+double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
+                         const acc_t* row_lse, const acc_t* col_lse, const acc_t* row_kl,
+                         acc_t w_ce, acc_t w_kl, acc_t* ds, acc_t* dt) {
+  const int64_t n = s.size(0), d = s.size(1);
+  const TilePlan plan(n);
+  // Worker 0 writes straight into the result; the others into private buffers added after.
+  std::vector<std::vector<acc_t>> private_grads(plan.num_workers - 1,
+                                                std::vector<acc_t>(2 * n * d, acc_t(0)));
+  std::vector<double> dkappa(plan.num_workers, 0.0);
+  const acc_t a = kappa / static_cast<acc_t>(n);
+
+  for_each_worker(plan, [&](int64_t w) {
+    const at::Tensor my_ds = matrix_view(w == 0 ? ds : private_grads[w - 1].data(), n, d);
+    const at::Tensor my_dt = matrix_view(w == 0 ? dt : private_grads[w - 1].data() + n * d, n, d);
+    const auto rows = [](const at::Tensor& m, int64_t begin, int64_t size) {
+      return m.narrow(0, begin, size);
+    };
+    std::vector<acc_t> cos_x(kTile * kTile), cos_y(kTile * kTile), gx(kTile * kTile),
+        gy(kTile * kTile);
+    for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
+      const auto [ti, tj] = plan.pairs[q];
+      const int64_t i0 = plan.tile_begin(ti), bi = plan.tile_size(ti);
+      const int64_t j0 = plan.tile_begin(tj), bj = plan.tile_size(tj);
+      const bool diagonal = ti == tj;
+      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.data(), cos_y.data());
+      if (diagonal) {
+        dkappa[w] += gradient_tile<acc_t, false>(
+            cos_x.data(), cos_y.data(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
+            row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.data(), gy.data());
+        scatter_gradient_tile(gx.data(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
+                              rows(my_ds, i0, bi), rows(my_dt, j0, bj));
+      } else {
+        dkappa[w] += gradient_tile<acc_t, true>(
+            cos_x.data(), cos_y.data(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
+            row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.data(), gy.data());
+        // G_IJ: rows of S_I, columns of T_J.
+        scatter_gradient_tile(gx.data(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
+                              rows(my_ds, i0, bi), rows(my_dt, j0, bj));
+        // G_JI = gy^T: dT_I += a gy S_J, dS_J += a gy^T T_I (the same shape with t and s
+        // exchanged).
+        scatter_gradient_tile(gy.data(), bi, bj, rows(t, i0, bi), rows(s, j0, bj), a,
+                              rows(my_dt, i0, bi), rows(my_ds, j0, bj));
+      }
+    }
+  });
+
+  if (!private_grads.empty()) {
+    at::parallel_for(0, n * d, 4096, [&](int64_t begin, int64_t end) {
+      for (const auto& buf : private_grads) {
+        for (int64_t e = begin; e < end; ++e) {
+          ds[e] += buf[e];
+          dt[e] += buf[n * d + e];
+        }
+      }
+    });
+  }
+  double total = 0;
+  for (double v : dkappa) total += v;
+  return total / static_cast<double>(n);
+}
+
+// ---------------------------------------------------------------------------------------
+// Normalisation
+
+// unit = z / max(||z||, eps) row by row, in acc_t; the norm is taken with a scale so that
+// huge entries do not overflow their squares.
+template <typename acc_t>
+void normalize_rows(const acc_t* z, int64_t n, int64_t d, acc_t* unit, acc_t* norm) {
+  at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const acc_t* zi = z + i * d;
+      double scale = 0;
+      for (int64_t k = 0; k < d; ++k) scale = std::fmax(scale, std::fabs(double(zi[k])));
+      double nrm = 0;
+      if (scale > 0) {
+        double sum_sq = 0;
+        // NaN or Inf entries make the norm NaN, hence NaN features and a NaN loss.
+        for (int64_t k = 0; k < d; ++k) {
+          const double v = double(zi[k]) / scale;
+          sum_sq += v * v;
+        }
+        nrm = scale * std::sqrt(sum_sq);
+      } else if (scale != scale) {
+        nrm = scale;
+      }
+      const double denom = std::max(nrm, kNormEps);
+      for (int64_t k = 0; k < d; ++k) unit[i * d + k] = static_cast<acc_t>(double(zi[k]) / denom);
+      norm[i] = static_cast<acc_t>(nrm);
+    }
+  });
+}
+
+struct Normalized {
+  at::Tensor unit;  // N x D, acc dtype, contiguous
+  at::Tensor norm;  // N, acc dtype
+};
+
+Normalized normalize(const at::Tensor& z) {
+  const at::ScalarType acc = accumulate_type(z.scalar_type());
+  const at::Tensor z_acc = z.to(acc).contiguous();
+  Normalized out{at::empty_like(z_acc), at::empty({z.size(0)}, z_acc.options())};
+  AT_DISPATCH_FLOATING_TYPES(acc, "icd_normalize", [&] {
+    normalize_rows<scalar_t>(z_acc.data_ptr<scalar_t>(), z.size(0), z.size(1),
+                             out.unit.data_ptr<scalar_t>(), out.norm.data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------
+// Operator entry points
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
+                double alpha, double max_scale) {
+  check_icd_inputs(z_s, z_t, log_scale, alpha, max_scale);
+  CHECK_DEVICE_TYPE(z_s, at::kCPU);
+  const int64_t n = z_s.size(0), d = z_s.size(1);
+  const Normalized s = normalize(z_s), t = normalize(z_t);
+  const double kappa = clamped_scale(log_scale.item<double>(), max_scale);
+  const auto options = s.unit.options();
+  at::Tensor row_lse = at::empty({n}, options), col_lse = at::empty({n}, options),
+             row_kl = at::empty({n}, options);
+  double ce = 0, kl = 0;
+  AT_DISPATCH_FLOATING_TYPES(s.unit.scalar_type(), "icd_forward_cpu", [&] {
+    const scalar_t* sp = s.unit.data_ptr<scalar_t>();
+    const scalar_t* tp = t.unit.data_ptr<scalar_t>();
+    scalar_t* r = row_lse.data_ptr<scalar_t>();
+    scalar_t* c = col_lse.data_ptr<scalar_t>();
+    scalar_t* k = row_kl.data_ptr<scalar_t>();
+    if (kappa <= kFixedShiftMaxScale)
+      forward_statistics<scalar_t, false>(s.unit, t.unit, scalar_t(kappa), r, c, k);
+    else
+      forward_statistics<scalar_t, true>(s.unit, t.unit, scalar_t(kappa), r, c, k);
+    for (int64_t i = 0; i < n; ++i) {
+      double dot = 0;
+      for (int64_t e = 0; e < d; ++e) dot += double(sp[i * d + e]) * double(tp[i * d + e]);
+      // The diagonal logit through the same fp rounding as the tiles: kappa * <s_i, t_i>.
+      ce += double(r[i]) - double(scalar_t(kappa) * scalar_t(dot));
+      kl += double(k[i]);
+    }
+  });
+  ce /= double(n);
+  kl /= double(n);
+  const auto scalar = [&](double v) { return at::scalar_tensor(v, options); };
+  return {scalar(ce + alpha * kl), scalar(ce), scalar(kl), row_lse, col_lse, row_kl};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
+    const at::Tensor& grad_loss, const at::Tensor& grad_ce, const at::Tensor& grad_kl,
+    const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_kl,
+    double alpha, double max_scale) {
+  check_icd_inputs(z_s, z_t, log_scale, alpha, max_scale);
+  CHECK_DEVICE_TYPE(z_s, at::kCPU);
+  const int64_t n = z_s.size(0), d = z_s.size(1);
+  const at::ScalarType acc = accumulate_type(z_s.scalar_type());
+  for (const at::Tensor* stat : {&row_lse, &col_lse, &row_kl}) {
+    TORCH_CHECK_VALUE(stat->dim() == 1 && stat->size(0) == n && stat->scalar_type() == acc,
+                      "the saved row statistics must be ", acc, " vectors of length N = ", n,
+                      ", got ", stat->scalar_type(), " of shape ", stat->sizes());
+  }
+  for (const at::Tensor* g : {&grad_loss, &grad_ce, &grad_kl})
+    CHECK_SCALAR_TENSOR(*g);
+
+  const double g_loss = grad_loss.item<double>();
+  const double w_ce = g_loss + grad_ce.item<double>();
+  const double w_kl = alpha * g_loss + grad_kl.item<double>();
+  const double log_scale_value = log_scale.item<double>();
+  const double kappa = clamped_scale(log_scale_value, max_scale);
+
+  const Normalized s = normalize(z_s), t = normalize(z_t);
+  at::Tensor ds = at::zeros({n, d}, s.unit.options()), dt = at::zeros({n, d}, s.unit.options());
+  const at::Tensor r = row_lse.contiguous(), c = col_lse.contiguous(), k = row_kl.contiguous();
+  double dkappa = 0;
+  AT_DISPATCH_FLOATING_TYPES(acc, "icd_backward_cpu", [&] {
+    const scalar_t* sp = s.unit.data_ptr<scalar_t>();
+    const scalar_t* tp = t.unit.data_ptr<scalar_t>();
+    scalar_t* dsp = ds.data_ptr<scalar_t>();
+    scalar_t* dtp = dt.data_ptr<scalar_t>();
+    dkappa = backward_features<scalar_t>(s.unit, t.unit, scalar_t(kappa), r.data_ptr<scalar_t>(),
+                                         c.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
+                                         scalar_t(w_ce), scalar_t(w_kl), dsp, dtp);
+    // Through the normalisation, in place: dS -> dz.
+    const scalar_t* s_norm = s.norm.data_ptr<scalar_t>();
+    const scalar_t* t_norm = t.norm.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        for (auto [unit, grad, norm] : {std::make_tuple(sp, dsp, s_norm[i]),
+                                        std::make_tuple(tp, dtp, t_norm[i])}) {
+          double dot = 0;
+          for (int64_t e = 0; e < d; ++e) dot += double(unit[i * d + e]) * double(grad[i * d + e]);
+          for (int64_t e = 0; e < d; ++e)
+            grad[i * d + e] =
+                normalize_backward(grad[i * d + e], unit[i * d + e], scalar_t(dot), norm);
+        }
+      }
+    });
+  });
+  const double dlog_scale = dkappa * scale_grad_factor(log_scale_value, max_scale);
+  return {ds.to(z_s.scalar_type()), dt.to(z_t.scalar_type()),
+          at::full_like(log_scale, dlog_scale, at::MemoryFormat::Contiguous)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(icd_fast, CPU, m) {
+  m.impl("icd_forward", &icd_forward_cpu);
+  m.impl("icd_backward", &icd_backward_cpu);
+}
+
+}  // namespace icd_fast::cpu

@@ -1,0 +1,154 @@
+// The mathematics of the ICD loss that every backend shares: the scale and its clamp, the
+// per-row statistics of the forward, and the gradient of the loss with respect to one pair
+// of logits (L_ij, L_ji). The CPU kernel and the CUDA kernel both include this header, so a
+// formula fixed here is fixed everywhere.
+//
+// Notation (README "How the fused operator works"):
+//   L_ij = kappa <s_i, t_j>          (the bias b is dropped: it cancels in every softmax)
+//   r_i  = logsumexp_j L_ij          (row log-sum-exp)
+//   c_i  = logsumexp_j L_ji          (column log-sum-exp)
+//   k_i  = sum_j Q_ij (log Q_ij - log P_ij)      with P_ij = e^(L_ij - r_i), Q_ij = e^(L_ji - c_i)
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define ICD_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define ICD_HOST_DEVICE inline
+#endif
+
+namespace icd_fast {
+
+// F.normalize's eps: rows are divided by max(||z||, eps).
+constexpr double kNormEps = 1e-12;
+
+// With the fixed shift M = kappa every exponent lies in [-2 kappa, 0]. Up to this scale the
+// smallest possible term, e^(-2 kappa) >= e^-64 ~ 1.6e-28, is still a normal fp32 number, so
+// no row or column sum can lose its leading terms; above it the kernels track a running
+// maximum instead (the online path).
+constexpr double kFixedShiftMaxScale = 32.0;
+
+// kappa = clamp(exp(theta), 0, max_scale). NaN theta gives NaN kappa (and a NaN loss).
+ICD_HOST_DEVICE double clamped_scale(double log_scale, double max_scale) {
+  const double e = std::exp(log_scale);
+  return e > max_scale ? max_scale : e;
+}
+
+// d kappa / d theta. torch.clamp passes the gradient at the bound itself, so the cut is
+// strictly above max_scale.
+ICD_HOST_DEVICE double scale_grad_factor(double log_scale, double max_scale) {
+  const double e = std::exp(log_scale);
+  return e > max_scale ? 0.0 : e;
+}
+
+// exp(x) for fp32 on the host, written as plain arithmetic so the compiler can vectorise the
+// loops that call it (glibc's expf is a scalar call). Range reduction x = n ln2 + r with a
+// two-constant ln2 and a degree-6 polynomial for e^r: about 1 ulp on [-87, 88]. Results
+// below ~1e-38 flush to 0, which is harmless where every caller adds the terms to a sum
+// dominated by terms near 1. NaN stays NaN.
+ICD_HOST_DEVICE float exp_vectorizable(float x) {
+  const float kLog2e = 1.44269504088896341f;
+  const float kLn2Hi = 0.693359375f;
+  const float kLn2Lo = -2.12194440e-4f;
+  // Adding and subtracting 1.5 * 2^23 rounds to the nearest integer without a libm call.
+  const float kRound = 12582912.0f;
+  float xc = x < -88.0f ? -88.0f : x;
+  xc = xc > 88.0f ? 88.0f : xc;
+  const float n = (xc * kLog2e + kRound) - kRound;
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t biased = static_cast<int32_t>(n) + 127;
+  const int32_t bits = biased > 0 ? biased << 23 : 0;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const float result = p * two_n;
+  return x != x ? x : result;
+}
+
+template <typename T>
+ICD_HOST_DEVICE T exp_acc(T x);
+
+template <>
+ICD_HOST_DEVICE float exp_acc<float>(float x) {
+#if defined(__CUDA_ARCH__)
+  return __expf(x);
+#else
+  return exp_vectorizable(x);
+#endif
+}
+
+template <>
+ICD_HOST_DEVICE double exp_acc<double>(double x) {
+  return std::exp(x);
+}
+
+// The per-row results of the forward pass, from the shifted sums
+//   R_i = sum_j e^(L_ij - m_r)     C_i = sum_j e^(L_ji - m_c)
+//   K_i = sum_j e^(L_ji - m_c) (L_ji - L_ij)
+// where m_r, m_c are the shifts the sums were taken with (the fixed shift or a running max).
+// K_i folds the two sums A_i - B_i of the design into one, which avoids their cancellation.
+template <typename T>
+struct RowStats {
+  T row_lse;  // r_i
+  T col_lse;  // c_i
+  T row_kl;   // k_i
+};
+
+template <typename T>
+ICD_HOST_DEVICE RowStats<T> finalize_row(double row_sum, double row_shift, double col_sum,
+                                         double col_shift, double kl_sum) {
+  RowStats<T> out;
+  const double r = row_shift + std::log(row_sum);
+  const double c = col_shift + std::log(col_sum);
+  out.row_lse = static_cast<T>(r);
+  out.col_lse = static_cast<T>(c);
+  out.row_kl = static_cast<T>(kl_sum / col_sum - c + r);
+  return out;
+}
+
+// Gradient of  w_ce * CE + w_kl * KL  (times N) with respect to the logits L_ij and L_ji,
+// given both logits and the statistics of rows i and j. One call serves both entries of
+// the pair because they share the two exponentials Q_ij and Q_ji:
+//   G_ij = w_ce (P_ij - d_ij) + w_kl (P_ij - Q_ij + Q_ji (h_ji - k_j))
+//   h_ji = log Q_ji - log P_ji = (L_ij - c_j) - (L_ji - r_j)
+// and G_ji is the same with i and j exchanged.
+template <typename T>
+struct LogitGradPair {
+  T ij;
+  T ji;
+};
+
+template <typename T>
+ICD_HOST_DEVICE LogitGradPair<T> logit_grad_pair(T l_ij, T l_ji, T r_i, T c_i, T k_i, T r_j,
+                                                 T c_j, T k_j, T is_diagonal, T w_ce,
+                                                 T w_kl) {
+  const T p_ij = exp_acc<T>(l_ij - r_i);
+  const T p_ji = exp_acc<T>(l_ji - r_j);
+  const T q_ij = exp_acc<T>(l_ji - c_i);
+  const T q_ji = exp_acc<T>(l_ij - c_j);
+  const T h_ji = (l_ij - c_j) - (l_ji - r_j);
+  const T h_ij = (l_ji - c_i) - (l_ij - r_i);
+  LogitGradPair<T> g;
+  g.ij = w_ce * (p_ij - is_diagonal) + w_kl * (p_ij - q_ij + q_ji * (h_ji - k_j));
+  g.ji = w_ce * (p_ji - is_diagonal) + w_kl * (p_ji - q_ji + q_ij * (h_ij - k_i));
+  return g;
+}
+
+// Backward of s = z / max(||z||, eps) for one row, given dS = dLoss/ds and <s, dS>.
+template <typename T>
+ICD_HOST_DEVICE T normalize_backward(T ds, T s, T s_dot_ds, T norm) {
+  return norm >= static_cast<T>(kNormEps) ? (ds - s * s_dot_ds) / norm
+                                          : ds / static_cast<T>(kNormEps);
+}
+
+}  // namespace icd_fast

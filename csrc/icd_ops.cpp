@@ -1,0 +1,51 @@
+// The icd_fast operator library: op schemas, the build report and the Python module stub.
+// Kernels register themselves per device in cpu/ and cuda/; autograd and fake-tensor rules
+// are registered from Python (icd_fast/_ops.py).
+#include <Python.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#ifndef ICD_FAST_CUDA_ARCHS
+#define ICD_FAST_CUDA_ARCHS ""
+#endif
+
+namespace icd_fast {
+namespace {
+
+std::string build_info_json() {
+  std::string cuda_built =
+#ifdef ICD_FAST_WITH_CUDA
+      "true";
+#else
+      "false";
+#endif
+  return std::string("{\"cpu_kernel\": true, \"cuda_kernel\": ") + cuda_built +
+         ", \"cuda_archs\": \"" + ICD_FAST_CUDA_ARCHS + "\", \"torch_version\": \"" +
+         TORCH_VERSION + "\"}";
+}
+
+}  // namespace
+
+TORCH_LIBRARY(icd_fast, m) {
+  // loss = ce + alpha * kl, and the per-row statistics the backward needs (3 N values).
+  m.def(
+      "icd_forward(Tensor z_s, Tensor z_t, Tensor log_scale, float alpha, float max_scale) -> "
+      "(Tensor loss, Tensor ce, Tensor kl, Tensor row_lse, Tensor col_lse, Tensor row_kl)");
+  // Gradients of  grad_loss * loss + grad_ce * ce + grad_kl * kl.
+  m.def(
+      "icd_backward(Tensor grad_loss, Tensor grad_ce, Tensor grad_kl, Tensor z_s, Tensor z_t, "
+      "Tensor log_scale, Tensor row_lse, Tensor col_lse, Tensor row_kl, float alpha, "
+      "float max_scale) -> (Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
+  m.def("build_info() -> str", &build_info_json);
+}
+
+}  // namespace icd_fast
+
+// The extension is imported as a Python module only so that loading it runs the static
+// registrations above; it defines no Python functions of its own.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

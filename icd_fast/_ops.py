@@ -1,0 +1,105 @@
+"""Loads the compiled operator library and registers its fake-tensor and autograd rules.
+
+The ops themselves (schemas and CPU/CUDA kernels) are defined in C++ (csrc/). Importing this
+module never fails: when the extension is missing, ``EXTENSION_ERROR`` says why and the
+package falls back to the pure-PyTorch reference.
+"""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+
+try:
+    from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY registrations)
+
+    EXTENSION_ERROR: Optional[str] = None
+except ImportError as error:  # built without the extension, or built against another torch
+    EXTENSION_ERROR = f"{type(error).__name__}: {error}"
+
+
+def _read_build_info() -> dict:
+    info = {"extension": False, "cpu_kernel": False, "cuda_kernel": False, "cuda_archs": "",
+            "torch_version": None}
+    if EXTENSION_ERROR is None:
+        info.update(json.loads(torch.ops.icd_fast.build_info()))
+        info["extension"] = True
+    else:
+        info["error"] = EXTENSION_ERROR
+    info["runtime_torch_version"] = torch.__version__
+    return info
+
+
+_BUILD_INFO = _read_build_info()
+# Plain booleans, so that backend selection traces under torch.compile without a graph break.
+HAS_CPU_KERNEL: bool = bool(_BUILD_INFO["cpu_kernel"])
+HAS_CUDA_KERNEL: bool = bool(_BUILD_INFO["cuda_kernel"])
+
+
+def build_info() -> dict:
+    """What was compiled into this installation of icd_fast.
+
+    Returns a dict with ``extension`` (the C++ library loaded), ``cpu_kernel``,
+    ``cuda_kernel``, ``cuda_archs`` (e.g. ``"8.0;9.0"``), ``torch_version`` (the torch the
+    extension was compiled against), ``runtime_torch_version`` and, when the extension could
+    not be loaded, ``error``.
+    """
+    return dict(_BUILD_INFO)
+
+
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the loss and of the saved row statistics for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if EXTENSION_ERROR is None:
+
+    @torch.library.register_fake("icd_fast::icd_forward")
+    def _icd_forward_fake(z_s, z_t, log_scale, alpha, max_scale):
+        acc = statistics_dtype(z_s.dtype)
+        n = z_s.shape[0]
+        scalars = [z_s.new_empty((), dtype=acc) for _ in range(3)]
+        stats = [z_s.new_empty((n,), dtype=acc) for _ in range(3)]
+        return (*scalars, *stats)
+
+    @torch.library.register_fake("icd_fast::icd_backward")
+    def _icd_backward_fake(grad_loss, grad_ce, grad_kl, z_s, z_t, log_scale, row_lse, col_lse,
+                           row_kl, alpha, max_scale):
+        return (
+            z_s.new_empty(z_s.shape),
+            z_t.new_empty(z_t.shape),
+            log_scale.new_empty(log_scale.shape),
+        )
+
+    def _forward_setup_context(ctx, inputs, output):
+        z_s, z_t, log_scale, alpha, max_scale = inputs
+        _, _, _, row_lse, col_lse, row_kl = output
+        ctx.save_for_backward(z_s, z_t, log_scale, row_lse, col_lse, row_kl)
+        ctx.alpha = alpha
+        ctx.max_scale = max_scale
+
+    def _forward_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_r, _grad_c, _grad_k):
+        # The row statistics are internal outputs, returned only to be saved for the backward.
+        z_s, z_t, log_scale, row_lse, col_lse, row_kl = ctx.saved_tensors
+
+        def upstream(g):
+            return row_lse.new_zeros(()) if g is None else g.to(row_lse.dtype)
+
+        grad_z_s, grad_z_t, grad_log_scale = torch.ops.icd_fast.icd_backward(
+            upstream(grad_loss), upstream(grad_ce), upstream(grad_kl), z_s, z_t, log_scale,
+            row_lse, col_lse, row_kl, ctx.alpha, ctx.max_scale)
+        return grad_z_s, grad_z_t, grad_log_scale, None, None
+
+    torch.library.register_autograd(
+        "icd_fast::icd_forward", _forward_backward, setup_context=_forward_setup_context)
+
+    def _no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            "icd_fast: double backward (differentiating the gradient of icd_loss, e.g. "
+            "torch.autograd.grad(..., create_graph=True) followed by another backward) is not "
+            "supported by the fused kernels; use backend='reference' for higher-order gradients.")
+
+    torch.library.register_autograd(
+        "icd_fast::icd_backward", _no_double_backward,
+        setup_context=lambda ctx, inputs, output: None)

@@ -1,0 +1,151 @@
+"""``icd_loss``: the ICD loss from already-projected features, on the fastest backend."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import _ops
+from .reference import icd_loss_reference
+
+BACKENDS = ("auto", "reference", "cpu", "cuda")
+
+
+class ICDLossParts(NamedTuple):
+    """The loss and its two terms: ``loss = contrastive + alpha * invariance``."""
+
+    loss: torch.Tensor
+    contrastive: torch.Tensor  # CE of each student row against its own teacher
+    invariance: torch.Tensor  # KL between the teacher->student and student->teacher softmaxes
+
+
+_warned_fallback: set = set()
+
+
+def _fused_kernel_for(device_type: str) -> Optional[str]:
+    if device_type == "cpu" and _ops.HAS_CPU_KERNEL:
+        return "cpu"
+    if device_type == "cuda" and _ops.HAS_CUDA_KERNEL:
+        return "cuda"
+    return None
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    kernel = _fused_kernel_for(device.type)
+    if backend == "auto":
+        if kernel is not None:
+            return kernel
+        if device.type not in _warned_fallback:
+            _warned_fallback.add(device.type)
+            why = _ops.EXTENSION_ERROR or f"it was built without a {device.type} kernel"
+            warnings.warn(f"icd_fast: no fused kernel for {device.type} tensors ({why}); "
+                          "using the pure-PyTorch reference (O(N^2) memory).", stacklevel=3)
+        return "reference"
+    if device.type != backend:
+        raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
+    if kernel is None:
+        why = _ops.EXTENSION_ERROR or f"icd_fast was built without its {backend} kernel"
+        raise RuntimeError(f"backend={backend!r} is not available: {why}. "
+                           f"See icd_fast.build_info().")
+    return kernel
+
+
+def _check_inputs(z_s, z_t, log_scale, bias, alpha, max_scale) -> None:
+    for name, x in (("z_s", z_s), ("z_t", z_t), ("log_scale", log_scale)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    for name, x in (("z_s", z_s), ("z_t", z_t)):
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor (N, D), got shape {tuple(x.shape)}")
+    if z_s.shape[0] != z_t.shape[0]:
+        raise ValueError("z_s and z_t must have the same number of rows (batch size N), "
+                         f"got {z_s.shape[0]} and {z_t.shape[0]}")
+    if z_s.shape[1] != z_t.shape[1]:
+        raise ValueError("z_s and z_t must have the same feature size D (project them first, "
+                         f"e.g. with icd_fast.ICDLoss), got {z_s.shape[1]} and {z_t.shape[1]}")
+    if z_s.shape[0] == 0:
+        raise ValueError(f"the batch is empty: z_s has shape {tuple(z_s.shape)}")
+    if z_s.shape[1] == 0:
+        raise ValueError(f"the feature size D is 0: z_s has shape {tuple(z_s.shape)}")
+    if not z_s.dtype.is_floating_point:
+        raise TypeError(f"z_s must be a floating-point tensor, got {z_s.dtype}")
+    if z_t.dtype != z_s.dtype:
+        raise TypeError(f"z_s and z_t must have the same dtype, got {z_s.dtype} and {z_t.dtype}")
+    if not log_scale.dtype.is_floating_point:
+        raise TypeError(f"log_scale must be a floating-point tensor, got {log_scale.dtype}")
+    if log_scale.numel() != 1 or log_scale.dim() > 1:
+        raise ValueError("log_scale must hold exactly one value (shape () or (1,)), "
+                         f"got shape {tuple(log_scale.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.numel() != 1
+                             or bias.dim() > 1):
+        raise ValueError("bias must be None or a tensor holding one value (shape () or (1,))")
+    for name, x in (("z_t", z_t), ("log_scale", log_scale)) + ((("bias", bias),) if bias is not None else ()):
+        if x.device != z_s.device:
+            raise ValueError(f"z_s and {name} must be on the same device, "
+                             f"got {z_s.device} and {x.device}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha >= 0):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+    if not (isinstance(max_scale, (int, float)) and max_scale > 0):
+        raise ValueError(f"max_scale must be a number > 0, got {max_scale!r}")
+
+
+def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor, float],
+             bias: Optional[torch.Tensor] = None, *, alpha: float = 0.5,
+             max_scale: float = 10.0, backend: str = "auto",
+             return_parts: bool = False) -> Union[torch.Tensor, ICDLossParts]:
+    r"""Invariant Consistency Distillation loss of projected student and teacher features.
+
+    With :math:`s_i = z_{s,i}/\max(\|z_{s,i}\|, 10^{-12})`, :math:`t_j` likewise,
+    :math:`\kappa = \mathrm{clamp}(e^{\theta}, 0, \texttt{max\_scale})` and logits
+    :math:`L_{ij} = \kappa \langle s_i, t_j\rangle + b`::
+
+        loss = cross_entropy(L, arange(N))
+               + alpha * kl_div(log_softmax(L, 1), softmax(L, 0).T, reduction="batchmean")
+
+    which is the authors' formulation. The fused backends never form the N x N matrix.
+
+    Args:
+        z_s: student features after the projection head, shape (N, D), floating point.
+        z_t: teacher features after the projection head, shape (N, D), same dtype and device.
+        log_scale: theta, the learnable log of the logit scale; a tensor holding one value
+            (shape () or (1,)) on the same device, or a Python number for a fixed scale. Its
+            gradient is computed (0 where exp(theta) exceeds ``max_scale``).
+        bias: optional learnable logit bias b. It cancels in every softmax, so the loss does
+            not depend on it and its gradient is exactly 0; accepted for drop-in use.
+        alpha: weight of the invariance (KL) term, >= 0.
+        max_scale: upper clamp of exp(theta), > 0. Up to 32 the kernels use a fixed
+            exponent shift; above, an online maximum, so any scale stays finite.
+        backend: ``"auto"`` (the fused kernel for the tensors' device when it was built,
+            else the reference, with a one-time warning), ``"cpu"``, ``"cuda"`` or
+            ``"reference"`` (plain PyTorch; supports double backward).
+        return_parts: also return the contrastive (CE) and invariance (KL) terms.
+
+    Returns:
+        The scalar loss, or :class:`ICDLossParts` ``(loss, contrastive, invariance)``. The
+        loss is float64 for float64 inputs and float32 otherwise (fp16/bf16 inputs are
+        computed in fp32); gradients come back in the inputs' dtypes.
+
+    Raises:
+        ValueError / TypeError naming the argument for a wrong shape, dtype, device or value.
+    """
+    if not isinstance(log_scale, torch.Tensor) and isinstance(z_s, torch.Tensor):
+        log_scale = torch.tensor(float(log_scale), device=z_s.device,
+                                 dtype=_ops.statistics_dtype(z_s.dtype))
+    _check_inputs(z_s, z_t, log_scale, bias, alpha, max_scale)
+    chosen = _resolve_backend(backend, z_s.device)
+    if chosen == "reference":
+        loss, ce, kl = icd_loss_reference(z_s, z_t, log_scale, bias, alpha=alpha,
+                                          max_scale=max_scale, return_parts=True)
+    else:
+        loss, ce, kl, _, _, _ = torch.ops.icd_fast.icd_forward(
+            z_s, z_t, log_scale, float(alpha), float(max_scale))
+        if bias is not None:
+            # b cancels in the loss; this term makes its gradient an exact 0 instead of None.
+            loss = loss + (bias * 0).sum().to(loss.dtype)
+    return ICDLossParts(loss, ce, kl) if return_parts else loss
