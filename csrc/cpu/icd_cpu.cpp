@@ -16,11 +16,14 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "../icd_checks.h"
 #include "../icd_math.h"
+#include "cpu_isa.h"
 
 namespace icd_fast::cpu {
 namespace {
@@ -44,11 +47,20 @@ struct TilePlan {
         1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(pairs.size())));
   }
   int64_t tile_begin(int64_t tile) const { return tile * kTile; }
+  // Edge of the largest tile (smaller than kTile for small batches).
+  int64_t max_tile() const { return std::min(kTile, n); }
   int64_t tile_size(int64_t tile) const { return std::min(kTile, n - tile * kTile); }
   int64_t first_pair(int64_t worker) const {
     return worker * static_cast<int64_t>(pairs.size()) / num_workers;
   }
 };
+
+// Scratch memory a worker fully overwrites before reading: left uninitialised, since zeroing
+// it costs more than the whole loss at small N.
+template <typename T>
+std::unique_ptr<T[]> scratch_buffer(int64_t size) {
+  return std::unique_ptr<T[]>(new T[size]);
+}
 
 // Runs fn(worker) for every worker, in parallel.
 template <typename Fn>
@@ -107,7 +119,7 @@ inline void raise_shift(double& shift, double new_shift, double* sum_a, double* 
 // Adds one tile pair to the partial sums. kBothHalves is false on a diagonal tile, where
 // cos_y is the mirror of cos_x and the X half alone already covers every logit once.
 template <typename acc_t, bool kBothHalves, bool kOnlineMax>
-void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
+ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
                      acc_t kappa, int64_t i0, int64_t j0, PartialSums& p, acc_t* scratch) {
   // Column partials of the tile (indexed by j): C_j and K_j from the X half, R_j from Y.
   acc_t* col_c = scratch;
@@ -194,9 +206,10 @@ void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t
   }
 }
 
+// Fills the per-row statistics and diag_cos[i] = <s_i, t_i> (read off the diagonal tiles).
 template <typename acc_t, bool kOnlineMax>
 void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, acc_t* row_lse,
-                        acc_t* col_lse, acc_t* row_kl) {
+                        acc_t* col_lse, acc_t* row_kl, acc_t* diag_cos) {
   const int64_t n = s.size(0);
   const TilePlan plan(n);
   const double initial_shift =
@@ -204,19 +217,25 @@ void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, a
   std::vector<PartialSums> partials(plan.num_workers, PartialSums(n, initial_shift));
 
   for_each_worker(plan, [&](int64_t w) {
-    std::vector<acc_t> cos_x(kTile * kTile), cos_y(kTile * kTile), scratch(5 * kTile);
+    const int64_t tile = plan.max_tile();
+    auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
+    auto scratch = scratch_buffer<acc_t>(5 * tile);
     for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
       const auto [ti, tj] = plan.pairs[q];
       const int64_t i0 = plan.tile_begin(ti), bi = plan.tile_size(ti);
       const int64_t j0 = plan.tile_begin(tj), bj = plan.tile_size(tj);
       const bool diagonal = ti == tj;
-      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.data(), cos_y.data());
+      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.get(), cos_y.get());
       if (diagonal)
-        accumulate_tile<acc_t, false, kOnlineMax>(cos_x.data(), cos_y.data(), bi, bj, kappa,
-                                                  i0, j0, partials[w], scratch.data());
-      else
-        accumulate_tile<acc_t, true, kOnlineMax>(cos_x.data(), cos_y.data(), bi, bj, kappa,
-                                                 i0, j0, partials[w], scratch.data());
+        for (int64_t i = 0; i < bi; ++i) diag_cos[i0 + i] = cos_x.get()[i * bj + i];
+      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+        if (diagonal)
+          accumulate_tile<acc_t, false, kOnlineMax>(cos_x.get(), cos_y.get(), bi, bj, kappa, i0,
+                                                    j0, partials[w], scratch.get());
+        else
+          accumulate_tile<acc_t, true, kOnlineMax>(cos_x.get(), cos_y.get(), bi, bj, kappa, i0,
+                                                   j0, partials[w], scratch.get());
+      });
     }
   });
 
@@ -254,7 +273,7 @@ void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, a
 // Builds the gradient tiles of one tile pair: gx[i][j] = G_ij and gy[i][j] = G_ji, and
 // returns sum_ij G_ij <s_i, t_j> over the logits of the pair (for d kappa).
 template <typename acc_t, bool kBothHalves>
-double gradient_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
+ICD_ALWAYS_INLINE double gradient_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
                      acc_t kappa, const acc_t* r_i, const acc_t* c_i, const acc_t* k_i,
                      const acc_t* r_j, const acc_t* c_j, const acc_t* k_j, acc_t w_ce,
                      acc_t w_kl, acc_t* gx, acc_t* gy) {
@@ -315,30 +334,35 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
     const auto rows = [](const at::Tensor& m, int64_t begin, int64_t size) {
       return m.narrow(0, begin, size);
     };
-    std::vector<acc_t> cos_x(kTile * kTile), cos_y(kTile * kTile), gx(kTile * kTile),
-        gy(kTile * kTile);
+    const int64_t tile = plan.max_tile();
+    auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
+    auto gx = scratch_buffer<acc_t>(tile * tile), gy = scratch_buffer<acc_t>(tile * tile);
     for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
       const auto [ti, tj] = plan.pairs[q];
       const int64_t i0 = plan.tile_begin(ti), bi = plan.tile_size(ti);
       const int64_t j0 = plan.tile_begin(tj), bj = plan.tile_size(tj);
       const bool diagonal = ti == tj;
-      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.data(), cos_y.data());
+      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.get(), cos_y.get());
+      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+        if (diagonal)
+          dkappa[w] += gradient_tile<acc_t, false>(
+              cos_x.get(), cos_y.get(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
+              row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.get(), gy.get());
+        else
+          dkappa[w] += gradient_tile<acc_t, true>(
+              cos_x.get(), cos_y.get(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
+              row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.get(), gy.get());
+      });
       if (diagonal) {
-        dkappa[w] += gradient_tile<acc_t, false>(
-            cos_x.data(), cos_y.data(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
-            row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.data(), gy.data());
-        scatter_gradient_tile(gx.data(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
+        scatter_gradient_tile(gx.get(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
                               rows(my_ds, i0, bi), rows(my_dt, j0, bj));
       } else {
-        dkappa[w] += gradient_tile<acc_t, true>(
-            cos_x.data(), cos_y.data(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
-            row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.data(), gy.data());
         // G_IJ: rows of S_I, columns of T_J.
-        scatter_gradient_tile(gx.data(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
+        scatter_gradient_tile(gx.get(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
                               rows(my_ds, i0, bi), rows(my_dt, j0, bj));
         // G_JI = gy^T: dT_I += a gy S_J, dS_J += a gy^T T_I (the same shape with t and s
         // exchanged).
-        scatter_gradient_tile(gy.data(), bi, bj, rows(t, i0, bi), rows(s, j0, bj), a,
+        scatter_gradient_tile(gy.get(), bi, bj, rows(t, i0, bi), rows(s, j0, bj), a,
                               rows(my_dt, i0, bi), rows(my_ds, j0, bj));
       }
     }
@@ -362,29 +386,40 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
 // ---------------------------------------------------------------------------------------
 // Normalisation
 
-// unit = z / max(||z||, eps) row by row, in acc_t; the norm is taken with a scale so that
-// huge entries do not overflow their squares.
+// ||z_i|| in double. Squares of fp32 values cannot overflow a double; fp64 rows whose sum of
+// squares does overflow (or underflow) are summed again scaled by their largest entry.
+template <typename acc_t>
+double row_norm(const acc_t* z, int64_t d) {
+  double sum_sq = 0;
+  for (int64_t k = 0; k < d; ++k) sum_sq += double(z[k]) * double(z[k]);
+  if (std::is_same_v<acc_t, double> && (sum_sq == std::numeric_limits<double>::infinity() ||
+                                        sum_sq < std::numeric_limits<double>::min())) {
+    double scale = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const double a = std::fabs(double(z[k]));
+      scale = a > scale ? a : scale;
+    }
+    if (scale == 0 || scale == std::numeric_limits<double>::infinity()) return std::sqrt(sum_sq);
+    double scaled = 0;
+    for (int64_t k = 0; k < d; ++k) {
+      const double v = double(z[k]) / scale;
+      scaled += v * v;
+    }
+    return scale * std::sqrt(scaled);
+  }
+  return std::sqrt(sum_sq);  // NaN or Inf entries give a NaN or Inf norm, hence a NaN loss
+}
+
+// unit = z / max(||z||, eps) row by row, in acc_t.
 template <typename acc_t>
 void normalize_rows(const acc_t* z, int64_t n, int64_t d, acc_t* unit, acc_t* norm) {
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const acc_t* zi = z + i * d;
-      double scale = 0;
-      for (int64_t k = 0; k < d; ++k) scale = std::fmax(scale, std::fabs(double(zi[k])));
-      double nrm = 0;
-      if (scale > 0) {
-        double sum_sq = 0;
-        // NaN or Inf entries make the norm NaN, hence NaN features and a NaN loss.
-        for (int64_t k = 0; k < d; ++k) {
-          const double v = double(zi[k]) / scale;
-          sum_sq += v * v;
-        }
-        nrm = scale * std::sqrt(sum_sq);
-      } else if (scale != scale) {
-        nrm = scale;
-      }
-      const double denom = std::max(nrm, kNormEps);
-      for (int64_t k = 0; k < d; ++k) unit[i * d + k] = static_cast<acc_t>(double(zi[k]) / denom);
+      const double nrm = row_norm(zi, d);
+      // In double: the norm of fp32 rows may exceed the fp32 range.
+      const double inv_denom = 1.0 / (nrm > kNormEps ? nrm : kNormEps);
+      for (int64_t k = 0; k < d; ++k) unit[i * d + k] = static_cast<acc_t>(zi[k] * inv_denom);
       norm[i] = static_cast<acc_t>(nrm);
     }
   });
@@ -414,7 +449,7 @@ icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& 
                 double alpha, double max_scale) {
   check_icd_inputs(z_s, z_t, log_scale, alpha, max_scale);
   CHECK_DEVICE_TYPE(z_s, at::kCPU);
-  const int64_t n = z_s.size(0), d = z_s.size(1);
+  const int64_t n = z_s.size(0);
   const Normalized s = normalize(z_s), t = normalize(z_t);
   const double kappa = clamped_scale(log_scale.item<double>(), max_scale);
   const auto options = s.unit.options();
@@ -422,20 +457,19 @@ icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& 
              row_kl = at::empty({n}, options);
   double ce = 0, kl = 0;
   AT_DISPATCH_FLOATING_TYPES(s.unit.scalar_type(), "icd_forward_cpu", [&] {
-    const scalar_t* sp = s.unit.data_ptr<scalar_t>();
-    const scalar_t* tp = t.unit.data_ptr<scalar_t>();
     scalar_t* r = row_lse.data_ptr<scalar_t>();
     scalar_t* c = col_lse.data_ptr<scalar_t>();
     scalar_t* k = row_kl.data_ptr<scalar_t>();
+    auto diag_cos = scratch_buffer<scalar_t>(n);
     if (kappa <= kFixedShiftMaxScale)
-      forward_statistics<scalar_t, false>(s.unit, t.unit, scalar_t(kappa), r, c, k);
+      forward_statistics<scalar_t, false>(s.unit, t.unit, scalar_t(kappa), r, c, k,
+                                          diag_cos.get());
     else
-      forward_statistics<scalar_t, true>(s.unit, t.unit, scalar_t(kappa), r, c, k);
+      forward_statistics<scalar_t, true>(s.unit, t.unit, scalar_t(kappa), r, c, k,
+                                         diag_cos.get());
     for (int64_t i = 0; i < n; ++i) {
-      double dot = 0;
-      for (int64_t e = 0; e < d; ++e) dot += double(sp[i * d + e]) * double(tp[i * d + e]);
-      // The diagonal logit through the same fp rounding as the tiles: kappa * <s_i, t_i>.
-      ce += double(r[i]) - double(scalar_t(kappa) * scalar_t(dot));
+      // CE_i = r_i - L_ii, with L_ii rounded exactly as in the tiles.
+      ce += double(r[i]) - double(scalar_t(kappa) * diag_cos[i]);
       kl += double(k[i]);
     }
   });
