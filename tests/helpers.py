@@ -1,0 +1,48 @@
+"""Shared test helpers: inputs, the float64 oracle, and norm-wise relative comparison."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+import icd_fast
+
+
+def make_inputs(n, d, dtype=torch.float32, log_scale=1.0, seed=0, requires_grad=True):
+    gen = torch.Generator().manual_seed(seed)
+    z_s = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    z_t = torch.randn(n, d, generator=gen, dtype=torch.float64).to(dtype)
+    theta = torch.tensor(float(log_scale),
+                         dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    for x in (z_s, z_t, theta):
+        x.requires_grad_(requires_grad)
+    return z_s, z_t, theta
+
+
+def loss_and_grads(fn, z_s, z_t, theta, **kwargs):
+    """Runs fn (an icd_loss-like callable) forward and backward on fresh leaves."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (z_s, z_t, theta)]
+    parts = fn(*leaves, return_parts=True, **kwargs)
+    grads = torch.autograd.grad(parts[0], leaves)
+    return [p.detach() for p in parts], list(grads)
+
+
+def oracle(z_s, z_t, theta, **kwargs):
+    """The official formulation in float64 on the same input values."""
+    return loss_and_grads(icd_fast.icd_loss_reference, z_s.double(), z_t.double(),
+                          theta.double(), **kwargs)
+
+
+def assert_rel_close(actual, expected, rtol, what="", floor=1e-8):
+    """max|actual - expected| <= rtol * max(max|expected|, floor), compared in float64."""
+    actual = actual.detach().double()
+    expected = expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = max(expected.abs().max().item(), floor)
+    err = (actual - expected).abs().max().item()
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:.1e} * {scale:.3e}"
+
+
+def theta_for_scale(scale):
+    return math.log(scale)

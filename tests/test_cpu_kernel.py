@@ -1,0 +1,209 @@
+"""The fused CPU kernel against the float64 oracle, and its numerical edge cases."""
+import math
+
+import pytest
+import torch
+
+import icd_fast
+from helpers import assert_rel_close, loss_and_grads, make_inputs, oracle
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
+# Rounding errors are about eps * kappa in absolute terms whatever the value, so a value near
+# 0 (the loss at N = 1, the gradients at D = 1) is compared against this floor instead.
+FLOOR = {torch.float64: 1e-4, torch.float32: 1.0}
+SIZES_N = [1, 2, 3, 7, 64, 129, 1000]
+SIZES_D = [1, 3, 128, 130, 1024]
+# exp(theta) below the clamp, exactly at it (the gradient still passes there), and above it.
+THETAS = [0.5, math.log(10.0), 3.0]
+
+
+def fused(*args, **kwargs):
+    return icd_fast.icd_loss(*args, backend="cpu", **kwargs)
+
+
+def test_the_cpu_kernel_was_built():
+    info = icd_fast.build_info()
+    assert info["extension"], info.get("error")
+    assert info["cpu_kernel"]
+
+
+def compare_with_oracle(n, d, dtype, theta, seed=0, **kwargs):
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=theta, seed=seed)
+    (loss, ce, kl), grads = loss_and_grads(fused, z_s, z_t, th, **kwargs)
+    (want_loss, want_ce, want_kl), want_grads = oracle(z_s, z_t, th, **kwargs)
+    tol = TOLERANCE[dtype]
+    for got, want, name in [(loss, want_loss, "loss"), (ce, want_ce, "ce"), (kl, want_kl, "kl")]:
+        assert_rel_close(got, want, tol, f"{name} N={n} D={d}", floor=FLOOR[dtype])
+    for got, want, name in zip(grads, want_grads, ["z_s", "z_t", "log_scale"]):
+        assert got.dtype == (th.dtype if name == "log_scale" else dtype)
+        if d == 1 and name != "log_scale":
+            # A 1-D row normalises to +-1 whatever its value: the exact gradient is 0, and
+            # both sides hold only cancellation noise.
+            assert got.abs().max().item() <= 1e3 * torch.finfo(dtype).eps
+            continue
+        assert_rel_close(got, want, tol, f"grad {name} N={n} D={d} theta={theta}",
+                         floor=FLOOR[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("d", SIZES_D)
+@pytest.mark.parametrize("n", SIZES_N)
+def test_matches_oracle(n, d, dtype):
+    for theta in THETAS:
+        compare_with_oracle(n, d, dtype, theta, seed=n * 31 + d)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 2.0])
+def test_alpha(alpha):
+    compare_with_oracle(65, 17, torch.float64, 1.0, alpha=alpha)
+
+
+def test_log_scale_gradient_is_zero_above_the_clamp_and_passes_at_it():
+    z_s, z_t, _ = make_inputs(20, 8, torch.float64)
+    above = torch.tensor(math.log(10.0) + 0.1, requires_grad=True)
+    (g_above,) = torch.autograd.grad(fused(z_s, z_t, above), above)
+    assert g_above.item() == 0.0
+    # max_scale equal to exp(theta) itself: the clamp is active but passes the gradient,
+    # which must then equal the unclamped gradient.
+    at = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+    (g_at,) = torch.autograd.grad(fused(z_s, z_t, at, max_scale=math.exp(1.5)), at)
+    (g_free,) = torch.autograd.grad(fused(z_s, z_t, at, max_scale=5.0), at)
+    assert g_at.item() != 0.0
+    assert g_at.item() == pytest.approx(g_free.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize("scale", [31.9, 32.1, 54.6])
+def test_fixed_shift_and_online_maximum_paths(scale):
+    # The kernel switches from the fixed shift to the online maximum above a scale of 32.
+    compare_with_oracle(300, 16, torch.float64, math.log(scale), max_scale=100.0)
+    compare_with_oracle(300, 16, torch.float32, math.log(scale), max_scale=100.0)
+
+
+def test_large_scale_with_nearly_opposite_features_stays_finite():
+    gen = torch.Generator().manual_seed(3)
+    z_s = torch.randn(257, 32, generator=gen)
+    z_t = -z_s + 1e-3 * torch.randn(257, 32, generator=gen)
+    th = torch.tensor(math.log(100.0))
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-4)]:
+        (loss, _, _), grads = loss_and_grads(fused, z_s.to(dtype), z_t.to(dtype), th,
+                                             max_scale=100.0)
+        (want, _, _), want_grads = oracle(z_s.to(dtype), z_t.to(dtype), th, max_scale=100.0)
+        assert torch.isfinite(loss) and loss.item() > 100  # about 2 * kappa
+        assert_rel_close(loss, want, tol, "loss")
+        for got, ref in zip(grads, want_grads):
+            assert_rel_close(got, ref, tol, "grad")
+
+
+def test_bias_gradient_is_exactly_zero_and_loss_ignores_bias():
+    z_s, z_t, th = make_inputs(33, 9, torch.float32)
+    bias = torch.tensor(0.7, requires_grad=True)
+    loss = fused(z_s, z_t, th, bias)
+    assert loss.item() == fused(z_s, z_t, th).item()
+    (g,) = torch.autograd.grad(loss, bias)
+    assert g.item() == 0.0 and not torch.signbit(g)
+
+
+def test_gradcheck_float64():
+    z_s, z_t, _ = make_inputs(9, 5, torch.float64)
+    th = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: fused(a, b, c), (z_s, z_t, th))
+    # The contrastive and invariance terms separately.
+    assert torch.autograd.gradcheck(lambda a, b, c: fused(a, b, c, return_parts=True)[1:],
+                                    (z_s, z_t, th))
+
+
+def test_parts_add_up():
+    z_s, z_t, th = make_inputs(40, 12, torch.float64)
+    loss, ce, kl = fused(z_s, z_t, th, alpha=0.7, return_parts=True)
+    assert loss.item() == pytest.approx(ce.item() + 0.7 * kl.item(), rel=1e-14)
+    assert kl.item() >= 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_precision_inputs(dtype):
+    z_s, z_t, th = make_inputs(130, 64, dtype)
+    (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
+    (want, _, _), want_grads = oracle(z_s, z_t, th)  # same (rounded) values, in float64
+    assert loss.dtype == torch.float32
+    assert_rel_close(loss, want, 1e-5, "loss")
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
+    grad_tol = 1e-2 if dtype == torch.bfloat16 else 2e-3  # the gradient is rounded to dtype
+    for got, ref in zip(grads, want_grads):
+        assert_rel_close(got, ref, grad_tol, "grad")
+
+
+def test_non_contiguous_inputs():
+    gen = torch.Generator().manual_seed(5)
+    wide = torch.randn(70, 2 * 33, generator=gen, dtype=torch.float64)
+    z_s = wide[:, ::2]  # strided columns
+    z_t = torch.randn(33, 70, generator=gen, dtype=torch.float64).t()  # transposed
+    assert not z_s.is_contiguous() and not z_t.is_contiguous()
+    th = torch.tensor(1.2)
+    (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
+    (want, _, _), want_grads = loss_and_grads(fused, z_s.contiguous(), z_t.contiguous(), th)
+    assert loss.item() == want.item()
+    for got, ref in zip(grads, want_grads):
+        assert torch.equal(got, ref)
+
+
+def test_repeated_calls_give_the_same_bits():
+    z_s, z_t, th = make_inputs(700, 64, torch.float32)
+    first_parts, first_grads = loss_and_grads(fused, z_s, z_t, th)
+    for _ in range(3):
+        parts, grads = loss_and_grads(fused, z_s, z_t, th)
+        assert all(torch.equal(a, b) for a, b in zip(parts, first_parts))
+        assert all(torch.equal(a, b) for a, b in zip(grads, first_grads))
+
+
+def test_thread_count_changes_only_rounding():
+    z_s, z_t, th = make_inputs(600, 32, torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = loss_and_grads(fused, z_s, z_t, th)
+        torch.set_num_threads(max(2, threads))
+        many = loss_and_grads(fused, z_s, z_t, th)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(one[0] + one[1], many[0] + many[1]):
+        assert_rel_close(a, b, 1e-12)
+
+
+def test_zero_rows_follow_the_eps_rule():
+    z_s, z_t, th = make_inputs(12, 6, torch.float64)
+    z_s = z_s.detach().clone()
+    z_s[3] = 0.0
+    z_t = z_t.detach().clone()
+    z_t[5] = 1e-14  # norm below eps: divided by eps, not by its norm
+    (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
+    (want, _, _), want_grads = oracle(z_s, z_t, th)
+    assert_rel_close(loss, want, 1e-10)
+    for got, ref in zip(grads, want_grads):
+        assert_rel_close(got, ref, 1e-10)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_inputs_give_nan_loss(bad):
+    z_s, z_t, th = make_inputs(50, 8, torch.float32)
+    z_s = z_s.detach().clone()
+    z_s[7, 2] = bad
+    loss = fused(z_s, z_t, th)
+    assert torch.isnan(loss)
+    nan_theta = torch.tensor(float("nan"))
+    assert torch.isnan(fused(z_s.detach().nan_to_num(0.0), z_t, nan_theta))
+
+
+def test_double_backward_raises_clearly():
+    z_s, z_t, th = make_inputs(6, 4, torch.float64)
+    loss = fused(z_s, z_t, th)
+    (g,) = torch.autograd.grad(loss, z_s, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_large_batch_needs_no_n_by_n_memory():
+    # 20000^2 fp32 logits would be 1.6 GB per buffer; the fused loss keeps O(N D) memory.
+    z_s, z_t, th = make_inputs(20000, 16, torch.float32)
+    loss = fused(z_s, z_t, th)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z_s.grad).all()
