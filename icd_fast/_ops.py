@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from ._checks import check_inputs
+
 try:
     from . import _C  # noqa: F401  (loading the library runs its TORCH_LIBRARY registrations)
 
@@ -57,6 +59,7 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("icd_fast::icd_forward")
     def _icd_forward_fake(z_s, z_t, log_scale, alpha, max_scale):
+        check_inputs(z_s, z_t, log_scale, None, alpha, max_scale)
         acc = statistics_dtype(z_s.dtype)
         n = z_s.shape[0]
         scalars = [z_s.new_empty((), dtype=acc) for _ in range(3)]
@@ -66,6 +69,7 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("icd_fast::icd_backward")
     def _icd_backward_fake(grad_loss, grad_ce, grad_kl, z_s, z_t, log_scale, row_lse, col_lse,
                            row_kl, alpha, max_scale):
+        check_inputs(z_s, z_t, log_scale, None, alpha, max_scale)
         return (
             z_s.new_empty(z_s.shape),
             z_t.new_empty(z_t.shape),

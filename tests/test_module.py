@@ -1,0 +1,79 @@
+"""ICDLoss: the drop-in module, its parameters, modes and the authors' state dicts."""
+import math
+
+import pytest
+import torch
+
+import icd_fast
+from icd_fast import ICDLoss
+
+
+def test_module_equals_functional_on_projected_features():
+    torch.manual_seed(0)
+    crit = ICDLoss(s_dim=12, t_dim=20, feat_dim=8, alpha=0.3)
+    f_s, f_t = torch.randn(16, 12), torch.randn(16, 20)
+    got = crit(f_s, f_t)
+    want = icd_fast.icd_loss_reference(crit.embed_s(f_s), crit.embed_t(f_t), crit.log_scale,
+                                       crit.bias, alpha=0.3)
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_features_with_spatial_dims_are_flattened():
+    crit = ICDLoss(s_dim=2 * 3 * 3, t_dim=4, feat_dim=8)
+    assert crit(torch.randn(5, 2, 3, 3), torch.randn(5, 4, 1, 1)).dim() == 0
+
+
+def test_theta_and_heads_learn():
+    torch.manual_seed(1)
+    crit = ICDLoss(s_dim=6, t_dim=6, feat_dim=4)
+    opt = torch.optim.SGD(crit.parameters(), lr=0.5)
+    f_s, f_t = torch.randn(32, 6), torch.randn(32, 6)
+    theta0 = crit.log_scale.item()
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = crit(f_s, f_t)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert crit.log_scale.item() != theta0
+    assert crit.bias.grad.item() == 0.0
+    assert losses[-1] < losses[0]
+
+
+def test_fixed_temperature_means_scale_one_over_t():
+    crit = ICDLoss(s_dim=4, t_dim=4, feat_dim=4, learnable=False, temperature=0.07)
+    assert crit.scale.item() == pytest.approx(1 / 0.07, rel=1e-6)
+    assert "log_scale" not in dict(crit.named_parameters())
+    with pytest.raises(ValueError, match="learnable=False"):
+        ICDLoss(4, 4, temperature=0.1)
+
+
+def test_loads_the_authors_state_dict():
+    # Keys as the authors' module saves them: CRD-style Embed heads and a params dict.
+    authors = {
+        "embed_s.linear.weight": torch.randn(8, 6), "embed_s.linear.bias": torch.randn(8),
+        "embed_t.linear.weight": torch.randn(8, 10), "embed_t.linear.bias": torch.randn(8),
+        "params.tau": torch.tensor([0.4]), "params.b": torch.tensor([0.2]),
+    }
+    crit = ICDLoss(s_dim=6, t_dim=10, feat_dim=8)
+    crit.load_authors_state_dict(authors)
+    assert torch.equal(crit.embed_s.weight, authors["embed_s.linear.weight"])
+    assert torch.equal(crit.embed_t.bias, authors["embed_t.linear.bias"])
+    assert crit.log_scale.item() == pytest.approx(0.4)
+    assert crit.bias.item() == pytest.approx(0.2)
+    with pytest.raises(KeyError, match="unexpected key"):
+        crit.load_authors_state_dict({**authors, "queue": torch.zeros(1)})
+
+
+def test_state_dict_round_trip():
+    a = ICDLoss(5, 7, feat_dim=3)
+    b = ICDLoss(5, 7, feat_dim=3)
+    b.load_state_dict(a.state_dict())
+    x, y = torch.randn(4, 5), torch.randn(4, 7)
+    assert a(x, y).item() == b(x, y).item()
+
+
+def test_bad_dimensions():
+    with pytest.raises(ValueError, match="s_dim"):
+        ICDLoss(0, 4)
