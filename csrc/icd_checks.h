@@ -50,6 +50,41 @@ inline void check_icd_inputs(const at::Tensor& z_s, const at::Tensor& z_t,
   TORCH_CHECK_VALUE(max_scale > 0.0, "max_scale must be > 0, got ", max_scale);
 }
 
+// Checks what the backward op receives from the forward: the unit features (2, N, D), their
+// norms (2, N) and the row statistics (N), all of the accumulate dtype.
+inline void check_icd_saved(const at::Tensor& unit, const at::Tensor& norms,
+                            const at::Tensor& log_scale, const at::Tensor& row_lse,
+                            const at::Tensor& col_lse, const at::Tensor& row_kl, double alpha,
+                            double max_scale, at::ScalarType grad_dtype) {
+  TORCH_CHECK_VALUE(unit.dim() == 3 && unit.size(0) == 2 && unit.size(1) > 0 && unit.size(2) > 0,
+                    "unit must be the (2, N, D) unit features saved by icd_forward, got shape ",
+                    unit.sizes());
+  TORCH_CHECK_TYPE(unit.scalar_type() == at::kFloat || unit.scalar_type() == at::kDouble,
+                   "unit must be float32 or float64, got ", unit.scalar_type());
+  const int64_t n = unit.size(1);
+  TORCH_CHECK_VALUE(norms.dim() == 2 && norms.size(0) == 2 && norms.size(1) == n &&
+                        norms.scalar_type() == unit.scalar_type(),
+                    "norms must be a (2, N = ", n, ") ", unit.scalar_type(), " tensor, got ",
+                    norms.scalar_type(), " of shape ", norms.sizes());
+  for (const at::Tensor* stat : {&row_lse, &col_lse, &row_kl}) {
+    TORCH_CHECK_VALUE(stat->dim() == 1 && stat->size(0) == n &&
+                          stat->scalar_type() == unit.scalar_type(),
+                      "the saved row statistics must be ", unit.scalar_type(),
+                      " vectors of length N = ", n, ", got ", stat->scalar_type(), " of shape ",
+                      stat->sizes());
+    CHECK_SAME_DEVICE(unit, *stat);
+  }
+  CHECK_SAME_DEVICE(unit, norms);
+  CHECK_FLOATING(log_scale);
+  CHECK_SCALAR_TENSOR(log_scale);
+  CHECK_SAME_DEVICE(unit, log_scale);
+  TORCH_CHECK_TYPE(at::isFloatingType(grad_dtype), "grad_dtype must be a floating dtype, got ",
+                   grad_dtype);
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha >= 0.0,
+                    "alpha must be a finite number >= 0, got ", alpha);
+  TORCH_CHECK_VALUE(max_scale > 0.0, "max_scale must be > 0, got ", max_scale);
+}
+
 // The dtype of the statistics and of the loss: fp64 for fp64 inputs, fp32 for all others.
 inline at::ScalarType accumulate_type(at::ScalarType input_type) {
   return input_type == at::kDouble ? at::kDouble : at::kFloat;

@@ -117,8 +117,9 @@ ICD_HOST_DEVICE RowStats<T> finalize_row(double row_sum, double row_shift, doubl
 }
 
 // Gradient of  w_ce * CE + w_kl * KL  (times N) with respect to the logits L_ij and L_ji,
-// given both logits and the statistics of rows i and j. One call serves both entries of
-// the pair because they share the two exponentials Q_ij and Q_ji:
+// given both logits, the statistics of rows i and j, and the four probabilities
+//   P_ij = e^(L_ij - r_i)   Q_ij = e^(L_ji - c_i)   Q_ji = e^(L_ij - c_j)   P_ji = e^(L_ji - r_j)
+// (one call serves both entries of the pair because they share Q_ij and Q_ji):
 //   G_ij = w_ce (P_ij - d_ij) + w_kl (P_ij - Q_ij + Q_ji (h_ji - k_j))
 //   h_ji = log Q_ji - log P_ji = (L_ij - c_j) - (L_ji - r_j)
 // and G_ji is the same with i and j exchanged.
@@ -129,19 +130,41 @@ struct LogitGradPair {
 };
 
 template <typename T>
+struct PairProbabilities {
+  T p_ij, q_ij, q_ji, p_ji;
+};
+
+template <typename T>
 ICD_HOST_DEVICE LogitGradPair<T> logit_grad_pair(T l_ij, T l_ji, T r_i, T c_i, T k_i, T r_j,
-                                                 T c_j, T k_j, T is_diagonal, T w_ce,
-                                                 T w_kl) {
-  const T p_ij = exp_acc<T>(l_ij - r_i);
-  const T p_ji = exp_acc<T>(l_ji - r_j);
-  const T q_ij = exp_acc<T>(l_ji - c_i);
-  const T q_ji = exp_acc<T>(l_ij - c_j);
+                                                 T c_j, T k_j, PairProbabilities<T> pr,
+                                                 T is_diagonal, T w_ce, T w_kl) {
   const T h_ji = (l_ij - c_j) - (l_ji - r_j);
   const T h_ij = (l_ji - c_i) - (l_ij - r_i);
   LogitGradPair<T> g;
-  g.ij = w_ce * (p_ij - is_diagonal) + w_kl * (p_ij - q_ij + q_ji * (h_ji - k_j));
-  g.ji = w_ce * (p_ji - is_diagonal) + w_kl * (p_ji - q_ji + q_ij * (h_ij - k_i));
+  g.ij = w_ce * (pr.p_ij - is_diagonal) + w_kl * (pr.p_ij - pr.q_ij + pr.q_ji * (h_ji - k_j));
+  g.ji = w_ce * (pr.p_ji - is_diagonal) + w_kl * (pr.p_ji - pr.q_ji + pr.q_ij * (h_ij - k_i));
   return g;
+}
+
+// The four probabilities with four exponentials: valid for any scale.
+template <typename T>
+ICD_HOST_DEVICE PairProbabilities<T> pair_probabilities(T l_ij, T l_ji, T r_i, T c_i, T r_j,
+                                                        T c_j) {
+  return {exp_acc<T>(l_ij - r_i), exp_acc<T>(l_ji - c_i), exp_acc<T>(l_ij - c_j),
+          exp_acc<T>(l_ji - r_j)};
+}
+
+// The same with two exponentials, through the fixed shift M = kappa:
+//   P_ij = e^(L_ij - M) e^(M - r_i),   Q_ji = e^(L_ij - M) e^(M - c_j), ...
+// where row_factor = e^(M - r) and col_factor = e^(M - c) are taken once per row. Valid while
+// kappa <= kFixedShiftMaxScale: the factors stay below e^(2 kappa) and the shifted
+// exponentials above e^(-2 kappa), so nothing overflows or underflows in fp32.
+template <typename T>
+ICD_HOST_DEVICE PairProbabilities<T> pair_probabilities_fixed_shift(
+    T l_ij, T l_ji, T shift, T row_factor_i, T col_factor_i, T row_factor_j, T col_factor_j) {
+  const T e_ij = exp_acc<T>(l_ij - shift);
+  const T e_ji = exp_acc<T>(l_ji - shift);
+  return {e_ij * row_factor_i, e_ji * col_factor_i, e_ij * col_factor_j, e_ji * row_factor_j};
 }
 
 // Backward of s = z / max(||z||, eps) for one row, given dS = dLoss/ds and <s, dS>.

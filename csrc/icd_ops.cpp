@@ -29,15 +29,19 @@ std::string build_info_json() {
 }  // namespace
 
 TORCH_LIBRARY(icd_fast, m) {
-  // loss = ce + alpha * kl, and the per-row statistics the backward needs (3 N values).
+  // loss = ce + alpha * kl, and what the backward needs: the per-row statistics (3 N values)
+  // and the unit features [s; t] (2 x N x D) with their norms (2 x N).
   m.def(
       "icd_forward(Tensor z_s, Tensor z_t, Tensor log_scale, float alpha, float max_scale) -> "
-      "(Tensor loss, Tensor ce, Tensor kl, Tensor row_lse, Tensor col_lse, Tensor row_kl)");
-  // Gradients of  grad_loss * loss + grad_ce * ce + grad_kl * kl.
+      "(Tensor loss, Tensor ce, Tensor kl, Tensor row_lse, Tensor col_lse, Tensor row_kl, "
+      "Tensor unit, Tensor norms)");
+  // Gradients of  grad_loss * loss + grad_ce * ce + grad_kl * kl  (a missing upstream
+  // gradient counts as 0).
   m.def(
-      "icd_backward(Tensor grad_loss, Tensor grad_ce, Tensor grad_kl, Tensor z_s, Tensor z_t, "
-      "Tensor log_scale, Tensor row_lse, Tensor col_lse, Tensor row_kl, float alpha, "
-      "float max_scale) -> (Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
+      "icd_backward(Tensor? grad_loss, Tensor? grad_ce, Tensor? grad_kl, Tensor unit, "
+      "Tensor norms, Tensor log_scale, Tensor row_lse, Tensor col_lse, Tensor row_kl, "
+      "float alpha, float max_scale, ScalarType grad_dtype) -> "
+      "(Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
   m.def("build_info() -> str", &build_info_json);
 }
 

@@ -64,36 +64,38 @@ if EXTENSION_ERROR is None:
         n = z_s.shape[0]
         scalars = [z_s.new_empty((), dtype=acc) for _ in range(3)]
         stats = [z_s.new_empty((n,), dtype=acc) for _ in range(3)]
-        return (*scalars, *stats)
+        unit = z_s.new_empty((2, n, z_s.shape[1]), dtype=acc)
+        norms = z_s.new_empty((2, n), dtype=acc)
+        return (*scalars, *stats, unit, norms)
 
     @torch.library.register_fake("icd_fast::icd_backward")
-    def _icd_backward_fake(grad_loss, grad_ce, grad_kl, z_s, z_t, log_scale, row_lse, col_lse,
-                           row_kl, alpha, max_scale):
-        check_inputs(z_s, z_t, log_scale, None, alpha, max_scale)
+    def _icd_backward_fake(grad_loss, grad_ce, grad_kl, unit, norms, log_scale, row_lse,
+                           col_lse, row_kl, alpha, max_scale, grad_dtype):
+        if unit.dim() != 3 or unit.shape[0] != 2:
+            raise ValueError(f"unit must be the (2, N, D) unit features saved by icd_forward, "
+                             f"got shape {tuple(unit.shape)}")
         return (
-            z_s.new_empty(z_s.shape),
-            z_t.new_empty(z_t.shape),
+            unit.new_empty(unit.shape[1:], dtype=grad_dtype),
+            unit.new_empty(unit.shape[1:], dtype=grad_dtype),
             log_scale.new_empty(log_scale.shape),
         )
 
     def _backward(ctx, grad_loss, grad_ce, grad_kl):
         """Gradients for (z_s, z_t, log_scale) from the tensors the forward saved."""
-        z_s, z_t, log_scale, row_lse, col_lse, row_kl = ctx.saved_tensors
-
-        def upstream(g):
-            return row_lse.new_zeros(()) if g is None else g.to(row_lse.dtype)
-
+        log_scale, row_lse, col_lse, row_kl, unit, norms = ctx.saved_tensors
         return torch.ops.icd_fast.icd_backward(
-            upstream(grad_loss), upstream(grad_ce), upstream(grad_kl), z_s, z_t, log_scale,
-            row_lse, col_lse, row_kl, ctx.alpha, ctx.max_scale)
+            grad_loss, grad_ce, grad_kl, unit, norms, log_scale, row_lse, col_lse, row_kl,
+            ctx.alpha, ctx.max_scale, ctx.grad_dtype)
 
     def _forward_setup_context(ctx, inputs, output):
         z_s, z_t, log_scale, alpha, max_scale = inputs
-        ctx.save_for_backward(z_s, z_t, log_scale, *output[3:])
+        # The unit features replace z_s and z_t: the backward needs no normalisation again.
+        ctx.save_for_backward(log_scale, *output[3:])
+        ctx.grad_dtype = z_s.dtype
         ctx.alpha = alpha
         ctx.max_scale = max_scale
 
-    def _forward_backward(ctx, grad_loss, grad_ce, grad_kl, _grad_r, _grad_c, _grad_k):
+    def _forward_backward(ctx, grad_loss, grad_ce, grad_kl, *_grad_saved):
         # The row statistics are internal outputs, returned only to be saved for the backward.
         return (*_backward(ctx, grad_loss, grad_ce, grad_kl), None, None)
 
@@ -109,12 +111,13 @@ if EXTENSION_ERROR is None:
         def forward(ctx, z_s, z_t, log_scale, alpha, max_scale):
             output = torch.ops.icd_fast.icd_forward(z_s, z_t, log_scale, alpha, max_scale)
             _forward_setup_context(ctx, (z_s, z_t, log_scale, alpha, max_scale), output)
-            ctx.mark_non_differentiable(*output[3:])
-            return output
+            # Unused outputs then pass None upstream instead of freshly allocated zeros.
+            ctx.set_materialize_grads(False)
+            return output[:3]  # the statistics are saved, not returned: fewer autograd outputs
 
         @staticmethod
-        def backward(ctx, grad_loss, grad_ce, grad_kl, _grad_r, _grad_c, _grad_k):
-            return _forward_backward(ctx, grad_loss, grad_ce, grad_kl, None, None, None)
+        def backward(ctx, grad_loss, grad_ce, grad_kl):
+            return (*_backward(ctx, grad_loss, grad_ce, grad_kl), None, None)
 
     def _no_double_backward(ctx, *grads):
         raise RuntimeError(
@@ -128,7 +131,7 @@ if EXTENSION_ERROR is None:
 
 
 def fused_forward(z_s, z_t, log_scale, alpha: float, max_scale: float):
-    """icd_forward with autograd: (loss, ce, kl, row_lse, col_lse, row_kl)."""
+    """icd_forward with autograd: (loss, ce, kl)."""
     if torch.compiler.is_compiling():
-        return torch.ops.icd_fast.icd_forward(z_s, z_t, log_scale, alpha, max_scale)
+        return torch.ops.icd_fast.icd_forward(z_s, z_t, log_scale, alpha, max_scale)[:3]
     return _FusedICD.apply(z_s, z_t, log_scale, alpha, max_scale)

@@ -104,8 +104,7 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
         loss, ce, kl = icd_loss_reference(z_s, z_t, log_scale, bias, alpha=alpha,
                                           max_scale=max_scale, return_parts=True)
     else:
-        loss, ce, kl, _, _, _ = _ops.fused_forward(z_s, z_t, log_scale, float(alpha),
-                                                   float(max_scale))
+        loss, ce, kl = _ops.fused_forward(z_s, z_t, log_scale, float(alpha), float(max_scale))
         if bias is not None:
             # b cancels in the loss; this term makes its gradient an exact 0 instead of None.
             loss = loss + (bias * 0).sum().to(loss.dtype)

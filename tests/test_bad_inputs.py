@@ -63,9 +63,16 @@ def test_raw_op_rejects_bad_options(alpha, max_scale, message):
 def test_raw_backward_rejects_mismatched_statistics():
     out = torch.ops.icd_fast.icd_forward(GOOD["z_s"], GOOD["z_t"], GOOD["log_scale"], 0.5, 10.0)
     g = torch.tensor(1.0)
+    r, c, k, unit, norms = out[3:]
     with pytest.raises(ValueError, match="saved row statistics"):
-        torch.ops.icd_fast.icd_backward(g, g, g, GOOD["z_s"], GOOD["z_t"], GOOD["log_scale"],
-                                        out[3][:5], out[4], out[5], 0.5, 10.0)
+        torch.ops.icd_fast.icd_backward(g, g, g, unit, norms, GOOD["log_scale"], r[:5], c, k,
+                                        0.5, 10.0, torch.float32)
+    with pytest.raises(ValueError, match=r"unit must be the \(2, N, D\)"):
+        torch.ops.icd_fast.icd_backward(g, g, g, unit[0], norms, GOOD["log_scale"], r, c, k,
+                                        0.5, 10.0, torch.float32)
+    with pytest.raises(ValueError, match="norms must be"):
+        torch.ops.icd_fast.icd_backward(g, g, g, unit, norms[:, :3], GOOD["log_scale"], r, c,
+                                        k, 0.5, 10.0, torch.float32)
 
 
 def test_bias_must_be_a_scalar():

@@ -20,7 +20,8 @@ def test_opcheck_backward():
     out = torch.ops.icd_fast.icd_forward(z_s, z_t, th, 0.5, 10.0)
     g = torch.tensor(1.0)
     torch.library.opcheck(torch.ops.icd_fast.icd_backward.default,
-                          (g, g * 0.5, g * 2.0, z_s, z_t, th, out[3], out[4], out[5], 0.5, 10.0),
+                          (g, g * 0.5, g * 2.0, out[6], out[7], th, out[3], out[4], out[5], 0.5,
+                           10.0, torch.float32),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 

@@ -12,12 +12,15 @@
 // over j in both.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ops/addmm_cpu_dispatch.h>
+#include <ATen/ops/mm_cpu_dispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <memory>
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -71,8 +74,8 @@ void for_each_worker(const TilePlan& plan, const Fn& fn) {
 }
 
 // A row-major (rows x cols) matrix in a worker's scratch buffer, as a tensor for BLAS.
-// (torch's BLAS is linked statically and reachable only through ATen's ops; their dispatch
-// costs a few microseconds, small next to a 128 x 128 x D product.)
+// torch's BLAS is linked statically and reachable only through ATen's ops; the at::cpu::
+// entry points call the CPU kernels directly, without a trip through the dispatcher.
 template <typename acc_t>
 at::Tensor matrix_view(acc_t* data, int64_t rows, int64_t cols) {
   return at::from_blob(data, {rows, cols}, at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
@@ -84,14 +87,14 @@ template <typename acc_t>
 void form_tiles(const at::Tensor& s, const at::Tensor& t, int64_t i0, int64_t bi, int64_t j0,
                 int64_t bj, bool diagonal, acc_t* cos_x, acc_t* cos_y) {
   at::Tensor x = matrix_view(cos_x, bi, bj);
-  at::mm_out(x, s.narrow(0, i0, bi), t.narrow(0, j0, bj).t());
+  at::cpu::mm_out(x, s.narrow(0, i0, bi), t.narrow(0, j0, bj).t());
   if (diagonal) {
     // Mirror instead of a second product, so that L_ij and L_ji read the very same values.
     for (int64_t i = 0; i < bi; ++i)
       for (int64_t j = 0; j < bj; ++j) cos_y[i * bj + j] = cos_x[j * bj + i];
   } else {
     at::Tensor y = matrix_view(cos_y, bi, bj);
-    at::mm_out(y, t.narrow(0, i0, bi), s.narrow(0, j0, bj).t());
+    at::cpu::mm_out(y, t.narrow(0, i0, bi), s.narrow(0, j0, bj).t());
   }
 }
 
@@ -270,27 +273,48 @@ void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, a
 // ---------------------------------------------------------------------------------------
 // Backward
 
+// Per-row statistics the gradient tiles read: r, c, k and, for the fixed shift, the factors
+// e^(kappa - r) and e^(kappa - c) (see pair_probabilities_fixed_shift).
+template <typename acc_t>
+struct BackwardRows {
+  const acc_t* r;
+  const acc_t* c;
+  const acc_t* k;
+  const acc_t* row_factor;
+  const acc_t* col_factor;
+  BackwardRows offset(int64_t i0) const {
+    return {r + i0, c + i0, k + i0, row_factor + i0, col_factor + i0};
+  }
+};
+
 // Builds the gradient tiles of one tile pair: gx[i][j] = G_ij and gy[i][j] = G_ji, and
 // returns sum_ij G_ij <s_i, t_j> over the logits of the pair (for d kappa).
-template <typename acc_t, bool kBothHalves>
-ICD_ALWAYS_INLINE double gradient_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
-                     acc_t kappa, const acc_t* r_i, const acc_t* c_i, const acc_t* k_i,
-                     const acc_t* r_j, const acc_t* c_j, const acc_t* k_j, acc_t w_ce,
-                     acc_t w_kl, acc_t* gx, acc_t* gy) {
+template <typename acc_t, bool kBothHalves, bool kFixedShift>
+ICD_ALWAYS_INLINE double gradient_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi,
+                                       int64_t bj, acc_t kappa, BackwardRows<acc_t> rows_i,
+                                       BackwardRows<acc_t> rows_j, acc_t w_ce, acc_t w_kl,
+                                       acc_t* gx, acc_t* gy) {
   double dkappa = 0;
   for (int64_t i = 0; i < bi; ++i) {
     const acc_t* xr = cos_x + i * bj;
     const acc_t* yr = cos_y + i * bj;
     acc_t* gxr = gx + i * bj;
     acc_t* gyr = gy + i * bj;
-    const acc_t ri = r_i[i], ci = c_i[i], ki = k_i[i];
+    const acc_t ri = rows_i.r[i], ci = rows_i.c[i], ki = rows_i.k[i];
+    const acc_t fri = rows_i.row_factor[i], fci = rows_i.col_factor[i];
+    const acc_t *r_j = rows_j.r, *c_j = rows_j.c, *k_j = rows_j.k;
+    const acc_t *fr_j = rows_j.row_factor, *fc_j = rows_j.col_factor;
     acc_t dk = 0;
 #pragma omp simd reduction(+ : dk)
     for (int64_t j = 0; j < bj; ++j) {
       const acc_t on_diagonal = (!kBothHalves && i == j) ? acc_t(1) : acc_t(0);
-      const LogitGradPair<acc_t> g =
-          logit_grad_pair<acc_t>(kappa * xr[j], kappa * yr[j], ri, ci, ki, r_j[j], c_j[j],
-                                 k_j[j], on_diagonal, w_ce, w_kl);
+      const acc_t l_ij = kappa * xr[j], l_ji = kappa * yr[j];
+      const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
+          l_ij, l_ji, ri, ci, ki, r_j[j], c_j[j], k_j[j],
+          kFixedShift
+              ? pair_probabilities_fixed_shift(l_ij, l_ji, kappa, fri, fci, fr_j[j], fc_j[j])
+              : pair_probabilities(l_ij, l_ji, ri, ci, r_j[j], c_j[j]),
+          on_diagonal, w_ce, w_kl);
       gxr[j] = g.ij;
       dk += g.ij * xr[j];
       if constexpr (kBothHalves) {
@@ -310,17 +334,28 @@ void scatter_gradient_tile(acc_t* g, int64_t bi, int64_t bj, const at::Tensor& r
                            const at::Tensor& cols_src, acc_t a, at::Tensor rows_dst,
                            at::Tensor cols_dst) {
   const at::Tensor gt = matrix_view(g, bi, bj);
-  rows_dst.addmm_(gt, cols_src, 1, a);
-  cols_dst.addmm_(gt.t(), rows_src, 1, a);
+  at::cpu::addmm_(rows_dst, gt, cols_src, 1, a);
+  at::cpu::addmm_(cols_dst, gt.t(), rows_src, 1, a);
 }
 
 // dS = kappa/N sum_j G_ij t_j and dT = kappa/N sum_i G_ij s_i into ds, dt (n x d, zeroed);
 // returns d loss / d kappa.
-template <typename acc_t>
+template <typename acc_t, bool kFixedShift>
 double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
                          const acc_t* row_lse, const acc_t* col_lse, const acc_t* row_kl,
                          acc_t w_ce, acc_t w_kl, acc_t* ds, acc_t* dt) {
   const int64_t n = s.size(0), d = s.size(1);
+  std::unique_ptr<acc_t[]> row_factor, col_factor;
+  if constexpr (kFixedShift) {
+    row_factor = scratch_buffer<acc_t>(n);
+    col_factor = scratch_buffer<acc_t>(n);
+    for (int64_t i = 0; i < n; ++i) {
+      row_factor[i] = std::exp(kappa - row_lse[i]);
+      col_factor[i] = std::exp(kappa - col_lse[i]);
+    }
+  }
+  const BackwardRows<acc_t> all_rows{row_lse, col_lse, row_kl, row_factor.get(),
+                                     col_factor.get()};
   const TilePlan plan(n);
   // Worker 0 writes straight into the result; the others into private buffers added after.
   std::vector<std::vector<acc_t>> private_grads(plan.num_workers - 1,
@@ -345,13 +380,13 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
       form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.get(), cos_y.get());
       run_with_best_isa([&]() ICD_INLINE_LAMBDA {
         if (diagonal)
-          dkappa[w] += gradient_tile<acc_t, false>(
-              cos_x.get(), cos_y.get(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
-              row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.get(), gy.get());
+          dkappa[w] += gradient_tile<acc_t, false, kFixedShift>(
+              cos_x.get(), cos_y.get(), bi, bj, kappa, all_rows.offset(i0), all_rows.offset(j0),
+              w_ce, w_kl, gx.get(), gy.get());
         else
-          dkappa[w] += gradient_tile<acc_t, true>(
-              cos_x.get(), cos_y.get(), bi, bj, kappa, row_lse + i0, col_lse + i0, row_kl + i0,
-              row_lse + j0, col_lse + j0, row_kl + j0, w_ce, w_kl, gx.get(), gy.get());
+          dkappa[w] += gradient_tile<acc_t, true, kFixedShift>(
+              cos_x.get(), cos_y.get(), bi, bj, kappa, all_rows.offset(i0), all_rows.offset(j0),
+              w_ce, w_kl, gx.get(), gy.get());
       });
       if (diagonal) {
         scatter_gradient_tile(gx.get(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
@@ -389,8 +424,9 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
 // ||z_i|| in double. Squares of fp32 values cannot overflow a double; fp64 rows whose sum of
 // squares does overflow (or underflow) are summed again scaled by their largest entry.
 template <typename acc_t>
-double row_norm(const acc_t* z, int64_t d) {
+ICD_ALWAYS_INLINE double row_norm(const acc_t* z, int64_t d) {
   double sum_sq = 0;
+#pragma omp simd reduction(+ : sum_sq)
   for (int64_t k = 0; k < d; ++k) sum_sq += double(z[k]) * double(z[k]);
   if (std::is_same_v<acc_t, double> && (sum_sq == std::numeric_limits<double>::infinity() ||
                                         sum_sq < std::numeric_limits<double>::min())) {
@@ -414,29 +450,52 @@ double row_norm(const acc_t* z, int64_t d) {
 template <typename acc_t>
 void normalize_rows(const acc_t* z, int64_t n, int64_t d, acc_t* unit, acc_t* norm) {
   at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const acc_t* zi = z + i * d;
-      const double nrm = row_norm(zi, d);
-      // In double: the norm of fp32 rows may exceed the fp32 range.
-      const double inv_denom = 1.0 / (nrm > kNormEps ? nrm : kNormEps);
-      for (int64_t k = 0; k < d; ++k) unit[i * d + k] = static_cast<acc_t>(zi[k] * inv_denom);
-      norm[i] = static_cast<acc_t>(nrm);
-    }
+    run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* zi = z + i * d;
+        const double nrm = row_norm(zi, d);
+        // In double: the norm of fp32 rows may exceed the fp32 range.
+        const double inv_denom = 1.0 / (nrm > kNormEps ? nrm : kNormEps);
+#pragma omp simd
+        for (int64_t k = 0; k < d; ++k) unit[i * d + k] = static_cast<acc_t>(zi[k] * inv_denom);
+        norm[i] = static_cast<acc_t>(nrm);
+      }
+    });
   });
 }
 
+// grad <- d loss / d z for one row, from grad = d loss / d unit (in place).
+template <typename acc_t>
+ICD_ALWAYS_INLINE void normalize_backward_row(const acc_t* unit, acc_t norm, int64_t d,
+                                              acc_t* grad) {
+  double dot = 0;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t e = 0; e < d; ++e) dot += double(unit[e]) * double(grad[e]);
+  const acc_t unit_dot_grad = static_cast<acc_t>(dot);
+#pragma omp simd
+  for (int64_t e = 0; e < d; ++e)
+    grad[e] = normalize_backward(grad[e], unit[e], unit_dot_grad, norm);
+}
+
+// Both inputs normalised into one buffer, which the forward returns for the backward:
+// unit = [s; t] (2 x N x D) and norms = [||z_s||; ||z_t||] (2 x N), in the accumulate dtype.
 struct Normalized {
-  at::Tensor unit;  // N x D, acc dtype, contiguous
-  at::Tensor norm;  // N, acc dtype
+  at::Tensor unit;
+  at::Tensor norms;
 };
 
-Normalized normalize(const at::Tensor& z) {
-  const at::ScalarType acc = accumulate_type(z.scalar_type());
-  const at::Tensor z_acc = z.to(acc).contiguous();
-  Normalized out{at::empty_like(z_acc), at::empty({z.size(0)}, z_acc.options())};
+Normalized normalize_pair(const at::Tensor& z_s, const at::Tensor& z_t) {
+  const at::ScalarType acc = accumulate_type(z_s.scalar_type());
+  const int64_t n = z_s.size(0), d = z_s.size(1);
+  const auto options = z_s.options().dtype(acc);
+  Normalized out{at::empty({2, n, d}, options), at::empty({2, n}, options)};
   AT_DISPATCH_FLOATING_TYPES(acc, "icd_normalize", [&] {
-    normalize_rows<scalar_t>(z_acc.data_ptr<scalar_t>(), z.size(0), z.size(1),
-                             out.unit.data_ptr<scalar_t>(), out.norm.data_ptr<scalar_t>());
+    for (int64_t side = 0; side < 2; ++side) {
+      const at::Tensor z_acc = (side == 0 ? z_s : z_t).to(acc).contiguous();
+      normalize_rows<scalar_t>(z_acc.data_ptr<scalar_t>(), n, d,
+                               out.unit.data_ptr<scalar_t>() + side * n * d,
+                               out.norms.data_ptr<scalar_t>() + side * n);
+    }
   });
   return out;
 }
@@ -444,29 +503,29 @@ Normalized normalize(const at::Tensor& z) {
 // ---------------------------------------------------------------------------------------
 // Operator entry points
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+           at::Tensor>
 icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
                 double alpha, double max_scale) {
   check_icd_inputs(z_s, z_t, log_scale, alpha, max_scale);
   CHECK_DEVICE_TYPE(z_s, at::kCPU);
   const int64_t n = z_s.size(0);
-  const Normalized s = normalize(z_s), t = normalize(z_t);
+  const Normalized features = normalize_pair(z_s, z_t);
+  const at::Tensor s = features.unit.select(0, 0), t = features.unit.select(0, 1);
   const double kappa = clamped_scale(log_scale.item<double>(), max_scale);
-  const auto options = s.unit.options();
+  const auto options = features.norms.options();
   at::Tensor row_lse = at::empty({n}, options), col_lse = at::empty({n}, options),
              row_kl = at::empty({n}, options);
   double ce = 0, kl = 0;
-  AT_DISPATCH_FLOATING_TYPES(s.unit.scalar_type(), "icd_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "icd_forward_cpu", [&] {
     scalar_t* r = row_lse.data_ptr<scalar_t>();
     scalar_t* c = col_lse.data_ptr<scalar_t>();
     scalar_t* k = row_kl.data_ptr<scalar_t>();
     auto diag_cos = scratch_buffer<scalar_t>(n);
     if (kappa <= kFixedShiftMaxScale)
-      forward_statistics<scalar_t, false>(s.unit, t.unit, scalar_t(kappa), r, c, k,
-                                          diag_cos.get());
+      forward_statistics<scalar_t, false>(s, t, scalar_t(kappa), r, c, k, diag_cos.get());
     else
-      forward_statistics<scalar_t, true>(s.unit, t.unit, scalar_t(kappa), r, c, k,
-                                         diag_cos.get());
+      forward_statistics<scalar_t, true>(s, t, scalar_t(kappa), r, c, k, diag_cos.get());
     for (int64_t i = 0; i < n; ++i) {
       // CE_i = r_i - L_ii, with L_ii rounded exactly as in the tiles.
       ce += double(r[i]) - double(scalar_t(kappa) * diag_cos[i]);
@@ -476,62 +535,63 @@ icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& 
   ce /= double(n);
   kl /= double(n);
   const auto scalar = [&](double v) { return at::scalar_tensor(v, options); };
-  return {scalar(ce + alpha * kl), scalar(ce), scalar(kl), row_lse, col_lse, row_kl};
+  return {scalar(ce + alpha * kl), scalar(ce), scalar(kl), row_lse, col_lse, row_kl,
+          features.unit, features.norms};
+}
+
+// An upstream gradient as a number; a missing one is 0.
+double upstream_value(const std::optional<at::Tensor>& grad, const char* name) {
+  if (!grad.has_value() || !grad->defined()) return 0.0;
+  TORCH_CHECK_VALUE(grad->numel() == 1 && grad->dim() <= 1, name,
+                    " must hold exactly one value, got shape ", grad->sizes());
+  return grad->item<double>();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
-    const at::Tensor& grad_loss, const at::Tensor& grad_ce, const at::Tensor& grad_kl,
-    const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
-    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_kl,
-    double alpha, double max_scale) {
-  check_icd_inputs(z_s, z_t, log_scale, alpha, max_scale);
-  CHECK_DEVICE_TYPE(z_s, at::kCPU);
-  const int64_t n = z_s.size(0), d = z_s.size(1);
-  const at::ScalarType acc = accumulate_type(z_s.scalar_type());
-  for (const at::Tensor* stat : {&row_lse, &col_lse, &row_kl}) {
-    TORCH_CHECK_VALUE(stat->dim() == 1 && stat->size(0) == n && stat->scalar_type() == acc,
-                      "the saved row statistics must be ", acc, " vectors of length N = ", n,
-                      ", got ", stat->scalar_type(), " of shape ", stat->sizes());
-  }
-  for (const at::Tensor* g : {&grad_loss, &grad_ce, &grad_kl})
-    CHECK_SCALAR_TENSOR(*g);
-
-  const double g_loss = grad_loss.item<double>();
-  const double w_ce = g_loss + grad_ce.item<double>();
-  const double w_kl = alpha * g_loss + grad_kl.item<double>();
+    const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_ce,
+    const std::optional<at::Tensor>& grad_kl, const at::Tensor& unit, const at::Tensor& norms,
+    const at::Tensor& log_scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
+    const at::Tensor& row_kl, double alpha, double max_scale, at::ScalarType grad_dtype) {
+  check_icd_saved(unit, norms, log_scale, row_lse, col_lse, row_kl, alpha, max_scale,
+                  grad_dtype);
+  CHECK_DEVICE_TYPE(unit, at::kCPU);
+  const int64_t n = unit.size(1), d = unit.size(2);
+  const at::ScalarType acc = unit.scalar_type();
+  const double g_loss = upstream_value(grad_loss, "grad_loss");
+  const double w_ce = g_loss + upstream_value(grad_ce, "grad_ce");
+  const double w_kl = alpha * g_loss + upstream_value(grad_kl, "grad_kl");
   const double log_scale_value = log_scale.item<double>();
   const double kappa = clamped_scale(log_scale_value, max_scale);
 
-  const Normalized s = normalize(z_s), t = normalize(z_t);
-  at::Tensor ds = at::zeros({n, d}, s.unit.options()), dt = at::zeros({n, d}, s.unit.options());
+  const at::Tensor units = unit.contiguous(), unit_norms = norms.contiguous();
+  const at::Tensor s = units.select(0, 0), t = units.select(0, 1);
+  at::Tensor ds = at::zeros({n, d}, units.options()), dt = at::zeros({n, d}, units.options());
   const at::Tensor r = row_lse.contiguous(), c = col_lse.contiguous(), k = row_kl.contiguous();
   double dkappa = 0;
   AT_DISPATCH_FLOATING_TYPES(acc, "icd_backward_cpu", [&] {
-    const scalar_t* sp = s.unit.data_ptr<scalar_t>();
-    const scalar_t* tp = t.unit.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const scalar_t* tp = t.data_ptr<scalar_t>();
     scalar_t* dsp = ds.data_ptr<scalar_t>();
     scalar_t* dtp = dt.data_ptr<scalar_t>();
-    dkappa = backward_features<scalar_t>(s.unit, t.unit, scalar_t(kappa), r.data_ptr<scalar_t>(),
-                                         c.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(),
-                                         scalar_t(w_ce), scalar_t(w_kl), dsp, dtp);
+    const auto features_grad = kappa <= kFixedShiftMaxScale ? backward_features<scalar_t, true>
+                                                            : backward_features<scalar_t, false>;
+    dkappa = features_grad(s, t, scalar_t(kappa), r.data_ptr<scalar_t>(),
+                           c.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), scalar_t(w_ce),
+                           scalar_t(w_kl), dsp, dtp);
     // Through the normalisation, in place: dS -> dz.
-    const scalar_t* s_norm = s.norm.data_ptr<scalar_t>();
-    const scalar_t* t_norm = t.norm.data_ptr<scalar_t>();
+    const scalar_t* s_norm = unit_norms.data_ptr<scalar_t>();
+    const scalar_t* t_norm = s_norm + n;
     at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        for (auto [unit, grad, norm] : {std::make_tuple(sp, dsp, s_norm[i]),
-                                        std::make_tuple(tp, dtp, t_norm[i])}) {
-          double dot = 0;
-          for (int64_t e = 0; e < d; ++e) dot += double(unit[i * d + e]) * double(grad[i * d + e]);
-          for (int64_t e = 0; e < d; ++e)
-            grad[i * d + e] =
-                normalize_backward(grad[i * d + e], unit[i * d + e], scalar_t(dot), norm);
+      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+        for (int64_t i = begin; i < end; ++i) {
+          normalize_backward_row(sp + i * d, s_norm[i], d, dsp + i * d);
+          normalize_backward_row(tp + i * d, t_norm[i], d, dtp + i * d);
         }
-      }
+      });
     });
   });
   const double dlog_scale = dkappa * scale_grad_factor(log_scale_value, max_scale);
-  return {ds.to(z_s.scalar_type()), dt.to(z_t.scalar_type()),
+  return {ds.to(grad_dtype), dt.to(grad_dtype),
           at::full_like(log_scale, dlog_scale, at::MemoryFormat::Contiguous)};
 }
 

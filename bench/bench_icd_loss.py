@@ -1,0 +1,243 @@
+"""Speed and memory of the ICD loss: fused kernel vs eager reference vs torch.compile.
+
+All implementations run in one process on the same inputs, warm-up first, median of
+repeats; the table prints ratios against eager. Forward is timed with autograd recording (as
+in training), backward separately after it, and "both" is their sum in one repeat. Peak
+memory is the rise of the process's peak RSS (CPU; the high-water mark is reset before each
+measurement) or of torch.cuda.max_memory_allocated (GPU).
+
+    python bench/bench_icd_loss.py --quick          # a minute: N in {64, 256, 1024}, D = 128
+    python bench/bench_icd_loss.py                  # the full grid, writes bench/results/
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import icd_fast
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+IMPLEMENTATIONS = ("eager", "fused", "compile")  # eager first: the others are compared to it
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "icd_fast": icd_fast.__version__,
+        "build": icd_fast.build_info(),
+        "device": str(device),
+    }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
+                               if line.startswith("model name"))
+    except (OSError, StopIteration):
+        info["cpu"] = platform.processor()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+class PeakMemory:
+    """Peak memory added by the code in a `with` block, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    @staticmethod
+    def _status(field: str) -> int:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+        else:
+            try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+            self.base = self._status("VmRSS:")
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.peak = max(0, self._status("VmHWM:") - self.base)
+
+
+def loss_function(impl: str):
+    if impl == "fused":
+        return lambda z_s, z_t, th: icd_fast.icd_loss(z_s, z_t, th, backend="auto")
+    if impl == "eager":
+        return icd_fast.icd_loss_reference
+    if impl == "compile":
+        return torch.compile(icd_fast.icd_loss_reference, dynamic=True)
+    raise ValueError(impl)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_once(fn, z_s, z_t, th, device):
+    """(forward, backward) seconds of one training-style call."""
+    for x in (z_s, z_t, th):
+        x.grad = None
+    sync(device)
+    t0 = time.perf_counter()
+    loss = fn(z_s, z_t, th)
+    sync(device)
+    t1 = time.perf_counter()
+    loss.backward()
+    sync(device)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
+
+
+def measure(fn, n, d, dtype, device, repeats, warmup):
+    gen = torch.Generator().manual_seed(0)
+    z_s = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+    z_t = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_()
+    th = torch.tensor(1.0, device=device, requires_grad=True)
+    for _ in range(warmup):
+        time_once(fn, z_s, z_t, th, device)
+    with PeakMemory(device) as mem:
+        runs = [time_once(fn, z_s, z_t, th, device) for _ in range(repeats)]
+    fwd = statistics.median(r[0] for r in runs)
+    bwd = statistics.median(r[1] for r in runs)
+    both = statistics.median(r[0] + r[1] for r in runs)
+    return {"forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "both_ms": both * 1e3,
+            "peak_mem_mb": mem.peak / 2**20, "repeats": repeats}
+
+
+def repeats_for(n: int, impl: str, base: int) -> int:
+    work = n * n
+    if work <= 1024**2:
+        return base * 4
+    if work <= 4096**2:
+        return base
+    return 1 if impl != "fused" or n > 16384 else max(1, base // 2)
+
+
+def eager_fits(n: int, dtype: torch.dtype, budget_bytes: float) -> bool:
+    # The reference holds about eight N x N buffers at its peak.
+    return 8 * n * n * torch.finfo(dtype).bits / 8 <= budget_bytes
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    info = machine_info(device)
+    print(f"# {info['cpu'] if device.type == 'cpu' else info.get('gpu')} | torch {info['torch']}"
+          f" | threads {info['threads']} | {args.dtype} | {info['date']}", flush=True)
+    rows = []
+    header = (f"{'D':>5} {'N':>7} {'impl':>8} {'fwd ms':>10} {'bwd ms':>10} {'both ms':>10}"
+              f" {'peak MB':>9} {'vs eager':>9}")
+    print(header)
+    for d in args.dims:
+        for n in args.sizes:
+            eager_both = None
+            for impl in args.impls:
+                if impl != "fused" and (n > args.max_reference_n or
+                                        not eager_fits(n, dtype, args.reference_memory_gb * 2**30)):
+                    rows.append({"impl": impl, "n": n, "d": d, "skipped": "O(N^2) memory/time"})
+                    print(f"{d:>5} {n:>7} {impl:>8} {'skipped (O(N^2) memory)':>42}")
+                    continue
+                fn = loss_function(impl)
+                r = measure(fn, n, d, dtype, device, repeats_for(n, impl, args.repeats),
+                            warmup=1 if n > 4096 else 3)
+                r.update(impl=impl, n=n, d=d)
+                if impl == "eager":
+                    eager_both = r["both_ms"]
+                ratio = f"{eager_both / r['both_ms']:.2f}x" if eager_both else "-"
+                r["speedup_vs_eager"] = eager_both / r["both_ms"] if eager_both else None
+                rows.append(r)
+                print(f"{d:>5} {n:>7} {impl:>8} {r['forward_ms']:>10.3f} {r['backward_ms']:>10.3f}"
+                      f" {r['both_ms']:>10.3f} {r['peak_mem_mb']:>9.1f} {ratio:>9}", flush=True)
+    return {"machine": info, "dtype": args.dtype, "results": rows}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if "skipped" not in r]
+    dims = sorted({r["d"] for r in rows})
+    fig, axes = plt.subplots(1, len(dims), figsize=(6 * len(dims), 4.5), squeeze=False)
+    for ax, d in zip(axes[0], dims):
+        for impl in IMPLEMENTATIONS:
+            pts = sorted((r["n"], r["both_ms"]) for r in rows if r["d"] == d and r["impl"] == impl)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel="forward+backward ms",
+               title=f"ICD loss, D = {d}, {report['dtype']}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    machine = report["machine"]
+    fig.suptitle(f"{machine.get('gpu') or machine['cpu']} | torch {machine['torch']} | "
+                 f"{machine['threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="N in {64, 256, 1024}, D = 128, no files written")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384, 65536])
+    parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--max-reference-n", type=int, default=16384,
+                        help="largest N for the eager and compiled references")
+    parser.add_argument("--reference-memory-gb", type=float, default=12.0,
+                        help="skip references whose N x N buffers would exceed this")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (default bench/results/cpu-<date>.json); PNG beside it")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.sizes, args.dims = [64, 256, 1024], [128]
+    report = run(args)
+    if args.quick and args.out is None:
+        return report
+    out = args.out or RESULTS_DIR / f"{args.device}-{args.dtype}-{report['machine']['date'][:10]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
