@@ -10,10 +10,41 @@ Environment switches:
 """
 import glob
 import os
+import re
+import shutil
+import subprocess
 
-import torch
-from setuptools import setup
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+def toolkit_root_from_nvcc():
+    """The CUDA toolkit that the nvcc on PATH belongs to, even when that nvcc is a wrapper
+    script outside the toolkit (torch would then guess CUDA_HOME from the wrapper's folder
+    and miss the toolkit's libraries)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
+    return os.path.realpath(match.group(1).strip()) if match else None
+
+
+# Must run before torch.utils.cpp_extension is imported: it reads CUDA_HOME at import time.
+if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+    _root = toolkit_root_from_nvcc()
+    if _root:
+        os.environ["CUDA_HOME"] = _root
+
+import torch  # noqa: E402
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import (  # noqa: E402
+    CUDA_HOME,
+    BuildExtension,
+    CppExtension,
+    CUDAExtension,
+)
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CUDA_ARCHS = "8.0;9.0"

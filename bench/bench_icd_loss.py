@@ -209,6 +209,27 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def markdown_table(report: dict) -> str:
+    """The forward+backward times of a results file as a Markdown table."""
+    rows = report["results"]
+    lines = ["| D | N | eager ms | torch.compile ms | fused ms | fused vs eager | fused vs compile "
+             "| peak MB eager / fused |", "|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["d"], r["n"]) for r in rows})
+    for d, n in keys:
+        by_impl = {r["impl"]: r for r in rows if r["d"] == d and r["n"] == n and "skipped" not in r}
+        def ms(impl):
+            return f"{by_impl[impl]['both_ms']:.3g}" if impl in by_impl else "O(N²) memory"
+        def ratio(impl):
+            if impl in by_impl and "fused" in by_impl:
+                return f"{by_impl[impl]['both_ms'] / by_impl['fused']['both_ms']:.2f}x"
+            return "-"
+        mem = "/".join(f"{by_impl[i]['peak_mem_mb']:.0f}" if i in by_impl else "-"
+                       for i in ("eager", "fused"))
+        lines.append(f"| {d} | {n} | {ms('eager')} | {ms('compile')} | {ms('fused')} | "
+                     f"{ratio('eager')} | {ratio('compile')} | {mem} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -225,7 +246,12 @@ def main(argv=None):
                         help="skip references whose N x N buffers would exceed this")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON path (default bench/results/cpu-<date>.json); PNG beside it")
+    parser.add_argument("--table", type=Path, default=None,
+                        help="print a results JSON as a Markdown table and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return True
     if args.quick:
         args.sizes, args.dims = [64, 256, 1024], [128]
     report = run(args)

@@ -92,6 +92,32 @@ ICD_HOST_DEVICE double exp_acc<double>(double x) {
   return std::exp(x);
 }
 
+// A running sum of exponentials kept as (shift m, sum s) = sum e^(v - m). Adding a value
+// above the shift moves the shift up (the online softmax); starting from m = kappa instead
+// of -inf makes that branch (almost) never taken while kappa <= kFixedShiftMaxScale.
+template <typename T>
+ICD_HOST_DEVICE void add_shifted(T v, T& m, T& s) {
+  if (v > m) {
+    s = s * exp_acc<T>(m - v) + T(1);
+    m = v;
+  } else {
+    s += exp_acc<T>(v - m);
+  }
+}
+
+// The common shift of two shifted sums and the factors that move each onto it; -inf shifts
+// (empty sums) give factors without NaN.
+template <typename T>
+struct ShiftMerge {
+  T shift, factor1, factor2;
+};
+
+template <typename T>
+ICD_HOST_DEVICE ShiftMerge<T> merge_shifts(T m1, T m2) {
+  const T m = m1 > m2 ? m1 : m2;
+  return {m, m1 == m ? T(1) : exp_acc<T>(m1 - m), m2 == m ? T(1) : exp_acc<T>(m2 - m)};
+}
+
 // The per-row results of the forward pass, from the shifted sums
 //   R_i = sum_j e^(L_ij - m_r)     C_i = sum_j e^(L_ji - m_c)
 //   K_i = sum_j e^(L_ji - m_c) (L_ji - L_ij)

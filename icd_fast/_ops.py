@@ -37,6 +37,11 @@ _BUILD_INFO = _read_build_info()
 # Plain booleans, so that backend selection traces under torch.compile without a graph break.
 HAS_CPU_KERNEL: bool = bool(_BUILD_INFO["cpu_kernel"])
 HAS_CUDA_KERNEL: bool = bool(_BUILD_INFO["cuda_kernel"])
+# The CUDA kernel has so far run only under the CPU emulation of tests/cuda_emulation (its
+# device code, against the float64 oracle), not on a GPU. Until a GPU run of tests/ and
+# compute-sanitizer is recorded under bench/results/, backend="auto" does not choose it;
+# backend="cuda" uses it explicitly.
+CUDA_KERNEL_VERIFIED_ON_GPU: bool = False
 
 
 def build_info() -> dict:

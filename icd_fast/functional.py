@@ -32,20 +32,32 @@ def _fused_kernel_for(device_type: str) -> Optional[str]:
     return None
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
+def _why_auto_skips(device_type: str, dtype: torch.dtype, kernel: Optional[str]) -> Optional[str]:
+    """Why backend="auto" uses the reference for these tensors, or None if it need not."""
+    if kernel is None:
+        return _ops.EXTENSION_ERROR or f"it was built without a {device_type} kernel"
+    if kernel == "cuda" and dtype == torch.float64:
+        return "the CUDA kernel takes float32, float16 and bfloat16"
+    if kernel == "cuda" and not _ops.CUDA_KERNEL_VERIFIED_ON_GPU:
+        return ("the CUDA kernel has not yet been verified on a GPU; pass backend='cuda' to "
+                "use it anyway")
+    return None
+
+
+def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference":
         return backend
     kernel = _fused_kernel_for(device.type)
     if backend == "auto":
-        if kernel is not None:
+        why = _why_auto_skips(device.type, dtype, kernel)
+        if why is None:
             return kernel
-        if device.type not in _warned_fallback:
-            _warned_fallback.add(device.type)
-            why = _ops.EXTENSION_ERROR or f"it was built without a {device.type} kernel"
-            warnings.warn(f"icd_fast: no fused kernel for {device.type} tensors ({why}); "
-                          "using the pure-PyTorch reference (O(N^2) memory).", stacklevel=3)
+        if (device.type, why) not in _warned_fallback:
+            _warned_fallback.add((device.type, why))
+            warnings.warn(f"icd_fast: using the pure-PyTorch reference (O(N^2) memory) for "
+                          f"{device.type} tensors: {why}.", stacklevel=3)
         return "reference"
     if device.type != backend:
         raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
@@ -83,8 +95,10 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
         max_scale: upper clamp of exp(theta), > 0. Up to 32 the kernels use a fixed
             exponent shift; above, an online maximum, so any scale stays finite.
         backend: ``"auto"`` (the fused kernel for the tensors' device when it was built,
-            else the reference, with a one-time warning), ``"cpu"``, ``"cuda"`` or
-            ``"reference"`` (plain PyTorch; supports double backward).
+            else the reference, with a one-time warning; for now it leaves the CUDA kernel,
+            which has not yet been verified on a GPU, to explicit use), ``"cpu"``, ``"cuda"``
+            (float32/float16/bfloat16) or ``"reference"`` (plain PyTorch; supports double
+            backward).
         return_parts: also return the contrastive (CE) and invariance (KL) terms.
 
     Returns:
@@ -99,7 +113,7 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
         log_scale = torch.tensor(float(log_scale), device=z_s.device,
                                  dtype=_ops.statistics_dtype(z_s.dtype))
     check_inputs(z_s, z_t, log_scale, bias, alpha, max_scale)
-    chosen = _resolve_backend(backend, z_s.device)
+    chosen = _resolve_backend(backend, z_s.device, z_s.dtype)
     if chosen == "reference":
         loss, ce, kl = icd_loss_reference(z_s, z_t, log_scale, bias, alpha=alpha,
                                           max_scale=max_scale, return_parts=True)

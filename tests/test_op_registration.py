@@ -59,7 +59,7 @@ def test_auto_falls_back_to_reference_and_says_so_once(monkeypatch):
     monkeypatch.setattr(_ops, "HAS_CPU_KERNEL", False)
     monkeypatch.setattr(functional, "_warned_fallback", set())
     z_s, z_t, th = make_inputs(10, 4, torch.float64)
-    with pytest.warns(UserWarning, match="no fused kernel for cpu"):
+    with pytest.warns(UserWarning, match="reference .* for cpu tensors: .*built without"):
         loss = icd_fast.icd_loss(z_s, z_t, th)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -83,3 +83,12 @@ def test_python_number_log_scale_is_a_fixed_scale():
     got = icd_fast.icd_loss(z_s, z_t, 1.3)
     want = icd_fast.icd_loss_reference(z_s, z_t, torch.tensor(1.3, dtype=torch.float64))
     assert got.item() == pytest.approx(want.item(), rel=1e-12)
+
+
+def test_auto_leaves_the_unverified_cuda_kernel_to_explicit_use(monkeypatch):
+    monkeypatch.setattr(_ops, "CUDA_KERNEL_VERIFIED_ON_GPU", False)
+    assert "not yet been verified" in functional._why_auto_skips("cuda", torch.float32, "cuda")
+    assert "float32, float16" in functional._why_auto_skips("cuda", torch.float64, "cuda")
+    monkeypatch.setattr(_ops, "CUDA_KERNEL_VERIFIED_ON_GPU", True)
+    assert functional._why_auto_skips("cuda", torch.bfloat16, "cuda") is None
+    assert functional._why_auto_skips("cpu", torch.float64, "cpu") is None

@@ -503,6 +503,25 @@ Normalized normalize_pair(const at::Tensor& z_s, const at::Tensor& z_t) {
 // ---------------------------------------------------------------------------------------
 // Operator entry points
 
+// The value of a one-element CPU tensor, read directly (Tensor::item goes through the
+// dispatcher, which is a noticeable share of a whole N = 64 loss).
+double scalar_value(const at::Tensor& x) {
+  double v = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "icd_scalar", [&] {
+    v = static_cast<double>(*x.const_data_ptr<scalar_t>());
+  });
+  return v;
+}
+
+// A 0-dim tensor holding v, written in place (cheaper than at::scalar_tensor's dispatch).
+at::Tensor scalar_output(double v, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({}, options);
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "icd_scalar_output", [&] {
+    *out.mutable_data_ptr<scalar_t>() = static_cast<scalar_t>(v);
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
            at::Tensor>
 icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
@@ -512,7 +531,7 @@ icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& 
   const int64_t n = z_s.size(0);
   const Normalized features = normalize_pair(z_s, z_t);
   const at::Tensor s = features.unit.select(0, 0), t = features.unit.select(0, 1);
-  const double kappa = clamped_scale(log_scale.item<double>(), max_scale);
+  const double kappa = clamped_scale(scalar_value(log_scale), max_scale);
   const auto options = features.norms.options();
   at::Tensor row_lse = at::empty({n}, options), col_lse = at::empty({n}, options),
              row_kl = at::empty({n}, options);
@@ -534,7 +553,7 @@ icd_forward_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& 
   });
   ce /= double(n);
   kl /= double(n);
-  const auto scalar = [&](double v) { return at::scalar_tensor(v, options); };
+  const auto scalar = [&](double v) { return scalar_output(v, options); };
   return {scalar(ce + alpha * kl), scalar(ce), scalar(kl), row_lse, col_lse, row_kl,
           features.unit, features.norms};
 }
@@ -544,7 +563,7 @@ double upstream_value(const std::optional<at::Tensor>& grad, const char* name) {
   if (!grad.has_value() || !grad->defined()) return 0.0;
   TORCH_CHECK_VALUE(grad->numel() == 1 && grad->dim() <= 1, name,
                     " must hold exactly one value, got shape ", grad->sizes());
-  return grad->item<double>();
+  return scalar_value(*grad);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
@@ -560,7 +579,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
   const double g_loss = upstream_value(grad_loss, "grad_loss");
   const double w_ce = g_loss + upstream_value(grad_ce, "grad_ce");
   const double w_kl = alpha * g_loss + upstream_value(grad_kl, "grad_kl");
-  const double log_scale_value = log_scale.item<double>();
+  const double log_scale_value = scalar_value(log_scale);
   const double kappa = clamped_scale(log_scale_value, max_scale);
 
   const at::Tensor units = unit.contiguous(), unit_norms = norms.contiguous();

@@ -1,0 +1,368 @@
+// CUDA kernels of the fused ICD loss. Plain CUDA C++ (no tensor-core instructions yet), so
+// that the same source also runs on the CPU under the tests' emulation layer
+// (tests/cuda_emulation/): keep to __syncthreads, __shfl_xor_sync, atomicAdd,
+// __threadfence and function-scope __shared__ arrays, and let every thread of a block reach
+// every barrier (no early return).
+//
+// Row-block ownership, deterministic, no floating-point atomics: the block that owns rows
+// I = [32 b, 32 b + 32) loops over all column blocks J, forms L_IJ and L_JI tile by tile in
+// registers, and accumulates what belongs to rows I only. A final reduction to the scalars
+// is done by the last block to finish, in a fixed order.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "../icd_math.h"
+
+namespace icd_fast::cuda {
+
+struct KernelTraits {
+  static constexpr int kTileRows = 32;                  // rows of I (and of J) per tile
+  static constexpr int kThreads = 128;                  // 4 warps
+  static constexpr int kThreadsPerRow = 4;              // lanes 4r..4r+3 of one warp
+  static constexpr int kColsPerThread = kTileRows / kThreadsPerRow;  // 8
+  static constexpr int kChunk = 32;                     // features staged per step
+  static constexpr int kNormRowsPerBlock = kThreads / 32;  // one warp per row
+};
+using Traits = KernelTraits;
+
+struct NormalizeParams {
+  const void* z_s;
+  const void* z_t;
+  int64_t s_stride0, s_stride1, t_stride0, t_stride1;
+  int n, d;
+  float* unit;   // (2, n, d): [s; t]
+  float* norms;  // (2, n)
+};
+
+struct ForwardParams {
+  const float* unit;
+  const float* log_scale;  // one value
+  float alpha, max_scale;
+  int n, d;
+  float* row_lse;
+  float* col_lse;
+  float* row_kl;
+  float* row_ce;  // r_i - L_ii, reduced by the last block
+  float* loss;
+  float* ce;
+  float* kl;
+  unsigned int* blocks_done;  // zero before the launch
+};
+
+struct BackwardParams {
+  const float* unit;
+  const float* norms;
+  const float* log_scale;
+  const float* grad_loss;  // each may be null (= 0)
+  const float* grad_ce;
+  const float* grad_kl;
+  float alpha, max_scale;
+  int n, d;
+  const float* row_lse;
+  const float* col_lse;
+  const float* row_kl;
+  float* ds;  // (n, d) scratch: d loss / d s, then d loss / d z_s (fp32)
+  float* dt;
+  void* grad_z_s;  // (n, d) contiguous, input dtype
+  void* grad_z_t;
+  double* block_dkappa;   // one partial per block
+  float* grad_log_scale;  // one value
+  unsigned int* blocks_done;
+};
+
+__device__ __forceinline__ float shuffle_xor(float v, int lane_mask) {
+  return __shfl_xor_sync(0xffffffffu, v, lane_mask);
+}
+
+// Sums v over the kThreadsPerRow consecutive lanes of a row (all of them get the sum).
+__device__ __forceinline__ float row_group_sum(float v) {
+  for (int mask = 1; mask < Traits::kThreadsPerRow; mask <<= 1) v += shuffle_xor(v, mask);
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch 1 of the forward: unit rows and norms of z_s and z_t, one warp per row.
+template <typename scalar_t>
+__global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams p) {
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;  // 0 .. 2n-1
+  const bool active = row < 2 * p.n;
+  const int side = active ? row / p.n : 0;
+  const int i = active ? row % p.n : 0;
+  const scalar_t* z = static_cast<const scalar_t*>(side == 0 ? p.z_s : p.z_t);
+  const int64_t stride0 = side == 0 ? p.s_stride0 : p.t_stride0;
+  const int64_t stride1 = side == 0 ? p.s_stride1 : p.t_stride1;
+  // Squares in double: fp32 rows may have norms beyond the fp32 range.
+  double sum_sq = 0;
+  if (active)
+    for (int k = lane; k < p.d; k += 32) {
+      const double v = static_cast<float>(z[i * stride0 + k * stride1]);
+      sum_sq += v * v;
+    }
+  for (int mask = 16; mask > 0; mask >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, mask);
+  const double norm = sqrt(sum_sq);
+  const double inv = 1.0 / (norm > kNormEps ? norm : kNormEps);
+  if (active) {
+    float* out = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
+    for (int k = lane; k < p.d; k += 32)
+      out[k] = static_cast<float>(static_cast<float>(z[i * stride0 + k * stride1]) * inv);
+    if (lane == 0) p.norms[side * p.n + i] = static_cast<float>(norm);
+  }
+}
+
+// The two cosine tiles of rows I = [i0, i0 + 32) and columns J = [j0, j0 + 32):
+// x[m] = <s_i, t_j> and y[m] = <s_j, t_i> for this thread's row i and its columns
+// j = j0 + q + 4 m. Staging buffers are passed in (function-scope __shared__ arrays).
+__device__ __forceinline__ void cosine_tiles(const float* s, const float* t, int n, int d,
+                                             int i0, int j0, float (*si)[Traits::kChunk + 1],
+                                             float (*ti)[Traits::kChunk + 1],
+                                             float (*sj)[Traits::kChunk + 1],
+                                             float (*tj)[Traits::kChunk + 1],
+                                             float x[Traits::kColsPerThread],
+                                             float y[Traits::kColsPerThread]) {
+  const int tid = threadIdx.x;
+  const int row = tid / Traits::kThreadsPerRow, q = tid % Traits::kThreadsPerRow;
+  for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = 0.f;
+  for (int c0 = 0; c0 < d; c0 += Traits::kChunk) {
+    for (int e = tid; e < Traits::kTileRows * Traits::kChunk; e += Traits::kThreads) {
+      const int r = e / Traits::kChunk, c = e % Traits::kChunk, col = c0 + c;
+      const bool col_ok = col < d;
+      const int gi = i0 + r, gj = j0 + r;
+      si[r][c] = (gi < n && col_ok) ? s[static_cast<int64_t>(gi) * d + col] : 0.f;
+      ti[r][c] = (gi < n && col_ok) ? t[static_cast<int64_t>(gi) * d + col] : 0.f;
+      sj[r][c] = (gj < n && col_ok) ? s[static_cast<int64_t>(gj) * d + col] : 0.f;
+      tj[r][c] = (gj < n && col_ok) ? t[static_cast<int64_t>(gj) * d + col] : 0.f;
+    }
+    __syncthreads();
+    for (int c = 0; c < Traits::kChunk; ++c) {
+      const float a = si[row][c], b = ti[row][c];
+      for (int m = 0; m < Traits::kColsPerThread; ++m) {
+        const int jj = q + Traits::kThreadsPerRow * m;
+        x[m] += a * tj[jj][c];
+        y[m] += b * sj[jj][c];
+      }
+    }
+    __syncthreads();
+  }
+}
+
+// Block-wide sum of one double per thread in a fixed order (the same bits every run).
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+  scratch[threadIdx.x] = v;
+  __syncthreads();
+  for (int width = Traits::kThreads / 2; width > 0; width >>= 1) {
+    if (static_cast<int>(threadIdx.x) < width) scratch[threadIdx.x] += scratch[threadIdx.x + width];
+    __syncthreads();
+  }
+  const double total = scratch[0];
+  __syncthreads();
+  return total;
+}
+
+// True in every thread of the block that finishes last (after all others' writes).
+__device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, bool* flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) *flag = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (*flag) __threadfence();
+  return *flag;
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
+__global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams p) {
+  __shared__ float si[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float ti[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float sj[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float tj[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ double reduce_scratch[Traits::kThreads];
+  __shared__ bool is_last;
+
+  const int n = p.n, d = p.d;
+  const float* s = p.unit;
+  const float* t = p.unit + static_cast<int64_t>(n) * d;
+  const int row = threadIdx.x / Traits::kThreadsPerRow, q = threadIdx.x % Traits::kThreadsPerRow;
+  const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const float kappa = static_cast<float>(clamped_scale(*p.log_scale, p.max_scale));
+  // Start the shifts at kappa (no rescaling ever needed below kFixedShiftMaxScale).
+  const float start = kappa <= kFixedShiftMaxScale ? kappa : -INFINITY;
+  float shift_r = start, sum_r = 0.f, shift_c = start, sum_c = 0.f, sum_k = 0.f, diag = 0.f;
+
+  float x[Traits::kColsPerThread], y[Traits::kColsPerThread];
+  for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
+    cosine_tiles(s, t, n, d, i0, j0, si, ti, sj, tj, x, y);
+    for (int m = 0; m < Traits::kColsPerThread; ++m) {
+      const int j = j0 + q + Traits::kThreadsPerRow * m;
+      if (i >= n || j >= n) continue;
+      const float l_ij = kappa * x[m], l_ji = kappa * y[m];
+      add_shifted(l_ij, shift_r, sum_r);
+      if (l_ji > shift_c) {
+        const float f = exp_acc<float>(shift_c - l_ji);
+        sum_c *= f;
+        sum_k *= f;
+        shift_c = l_ji;
+      }
+      const float e = exp_acc<float>(l_ji - shift_c);
+      sum_c += e;
+      sum_k += e * (l_ji - l_ij);
+      if (j == i) diag = l_ij;
+    }
+  }
+  // Merge the four threads of the row.
+  for (int mask = 1; mask < Traits::kThreadsPerRow; mask <<= 1) {
+    const float o_shift_r = shuffle_xor(shift_r, mask), o_sum_r = shuffle_xor(sum_r, mask);
+    const float o_shift_c = shuffle_xor(shift_c, mask), o_sum_c = shuffle_xor(sum_c, mask);
+    const float o_sum_k = shuffle_xor(sum_k, mask);
+    const ShiftMerge<float> mr = merge_shifts(shift_r, o_shift_r);
+    sum_r = sum_r * mr.factor1 + o_sum_r * mr.factor2;
+    shift_r = mr.shift;
+    const ShiftMerge<float> mc = merge_shifts(shift_c, o_shift_c);
+    sum_c = sum_c * mc.factor1 + o_sum_c * mc.factor2;
+    sum_k = sum_k * mc.factor1 + o_sum_k * mc.factor2;
+    shift_c = mc.shift;
+  }
+  diag = row_group_sum(diag);  // only the thread that met j == i holds it
+  if (q == 0 && i < n) {
+    const RowStats<float> st = finalize_row<float>(sum_r, shift_r, sum_c, shift_c, sum_k);
+    p.row_lse[i] = st.row_lse;
+    p.col_lse[i] = st.col_lse;
+    p.row_kl[i] = st.row_kl;
+    p.row_ce[i] = st.row_lse - diag;
+  }
+
+  if (last_block_to_finish(p.blocks_done, &is_last)) {
+    double ce = 0, kl = 0;
+    for (int r = threadIdx.x; r < n; r += Traits::kThreads) {
+      ce += p.row_ce[r];
+      kl += p.row_kl[r];
+    }
+    ce = block_sum(ce, reduce_scratch) / n;
+    kl = block_sum(kl, reduce_scratch) / n;
+    if (threadIdx.x == 0) {
+      *p.ce = static_cast<float>(ce);
+      *p.kl = static_cast<float>(kl);
+      *p.loss = static_cast<float>(ce + p.alpha * kl);
+    }
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_as(void* base, int64_t index, float v) {
+  static_cast<T*>(base)[index] = static_cast<T>(v);
+}
+
+// ---------------------------------------------------------------------------------------
+// The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
+// for the block's rows, then back through the normalisation, and (last block) d theta.
+template <typename out_t>
+__global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams p) {
+  __shared__ float si[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float ti[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float sj[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float tj[Traits::kTileRows][Traits::kChunk + 1];
+  __shared__ float gx[Traits::kTileRows][Traits::kTileRows + 1];  // G_ij
+  __shared__ float gy[Traits::kTileRows][Traits::kTileRows + 1];  // G_ji
+  __shared__ double reduce_scratch[Traits::kThreads];
+  __shared__ bool is_last;
+
+  const int n = p.n, d = p.d;
+  const float* s = p.unit;
+  const float* t = p.unit + static_cast<int64_t>(n) * d;
+  const int tid = threadIdx.x;
+  const int row = tid / Traits::kThreadsPerRow, q = tid % Traits::kThreadsPerRow;
+  const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const double log_scale = *p.log_scale;
+  const float kappa = static_cast<float>(clamped_scale(log_scale, p.max_scale));
+  const float g_loss = p.grad_loss ? *p.grad_loss : 0.f;
+  const float w_ce = g_loss + (p.grad_ce ? *p.grad_ce : 0.f);
+  const float w_kl = p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : 0.f);
+  const float a = kappa / static_cast<float>(n);
+  const bool row_ok = i < n;
+  const float r_i = row_ok ? p.row_lse[i] : 0.f, c_i = row_ok ? p.col_lse[i] : 0.f;
+  const float k_i = row_ok ? p.row_kl[i] : 0.f;
+  double dkappa = 0;
+
+  float x[Traits::kColsPerThread], y[Traits::kColsPerThread];
+  for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
+    cosine_tiles(s, t, n, d, i0, j0, si, ti, sj, tj, x, y);
+    for (int m = 0; m < Traits::kColsPerThread; ++m) {
+      const int jj = q + Traits::kThreadsPerRow * m, j = j0 + jj;
+      float g_ij = 0.f, g_ji = 0.f;
+      if (row_ok && j < n) {
+        const float l_ij = kappa * x[m], l_ji = kappa * y[m];
+        const float r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
+        const LogitGradPair<float> g = logit_grad_pair<float>(
+            l_ij, l_ji, r_i, c_i, k_i, r_j, c_j, k_j,
+            pair_probabilities<float>(l_ij, l_ji, r_i, c_i, r_j, c_j), j == i ? 1.f : 0.f,
+            w_ce, w_kl);
+        g_ij = g.ij;
+        g_ji = g.ji;
+        dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij
+      }
+      gx[row][jj] = g_ij;
+      gy[row][jj] = g_ji;
+    }
+    __syncthreads();
+    // This thread's outputs: row i, features c0 + q + 4 m.
+    for (int c0 = 0; c0 < d; c0 += Traits::kChunk) {
+      for (int e = tid; e < Traits::kTileRows * Traits::kChunk; e += Traits::kThreads) {
+        const int r = e / Traits::kChunk, c = e % Traits::kChunk, col = c0 + c;
+        const int gj = j0 + r;
+        const bool ok = gj < n && col < d;
+        sj[r][c] = ok ? s[static_cast<int64_t>(gj) * d + col] : 0.f;
+        tj[r][c] = ok ? t[static_cast<int64_t>(gj) * d + col] : 0.f;
+      }
+      __syncthreads();
+      for (int m = 0; m < Traits::kChunk / Traits::kThreadsPerRow; ++m) {
+        const int c = q + Traits::kThreadsPerRow * m, col = c0 + c;
+        float acc_s = 0.f, acc_t = 0.f;
+        for (int jj = 0; jj < Traits::kTileRows; ++jj) {
+          acc_s += gx[row][jj] * tj[jj][c];
+          acc_t += gy[row][jj] * sj[jj][c];
+        }
+        if (row_ok && col < d) {
+          const int64_t at = static_cast<int64_t>(i) * d + col;
+          // The first column block writes, the others add: no zeroing launch needed.
+          p.ds[at] = (j0 == 0 ? 0.f : p.ds[at]) + a * acc_s;
+          p.dt[at] = (j0 == 0 ? 0.f : p.dt[at]) + a * acc_t;
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  // Back through the normalisation: dz = (dS - s <s, dS>) / max(||z||, eps), per row.
+  for (int side = 0; side < 2; ++side) {
+    const float* unit_rows = side == 0 ? s : t;
+    const float* grad_rows = side == 0 ? p.ds : p.dt;
+    void* out = side == 0 ? p.grad_z_s : p.grad_z_t;
+    float dot = 0.f;
+    if (row_ok)
+      for (int c = q; c < d; c += Traits::kThreadsPerRow)
+        dot += unit_rows[static_cast<int64_t>(i) * d + c] * grad_rows[static_cast<int64_t>(i) * d + c];
+    dot = row_group_sum(dot);
+    if (row_ok) {
+      const float norm = p.norms[side * n + i];
+      for (int c = q; c < d; c += Traits::kThreadsPerRow) {
+        const int64_t at = static_cast<int64_t>(i) * d + c;
+        store_as<out_t>(out, at, normalize_backward(grad_rows[at], unit_rows[at], dot, norm));
+      }
+    }
+  }
+
+  const double block_total = block_sum(dkappa, reduce_scratch);
+  if (tid == 0) p.block_dkappa[blockIdx.x] = block_total;
+  if (last_block_to_finish(p.blocks_done, &is_last)) {
+    double total = 0;
+    for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads) total += p.block_dkappa[b];
+    total = block_sum(total, reduce_scratch);
+    if (tid == 0)
+      *p.grad_log_scale =
+          static_cast<float>(total / n * scale_grad_factor(log_scale, p.max_scale));
+  }
+}
+
+}  // namespace icd_fast::cuda

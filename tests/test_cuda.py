@@ -1,0 +1,78 @@
+"""The CUDA kernel on a GPU (marker `cuda`; skipped where there is none or it was not built):
+the correctness matrix against the float64 oracle, opcheck, torch.compile, repeatability."""
+import math
+
+import pytest
+import torch
+
+import icd_fast
+from helpers import assert_grads_match, assert_rel_close, loss_and_grads, oracle
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not icd_fast.build_info()["cuda_kernel"], reason="CUDA kernel not built"),
+]
+
+
+def on_gpu(n, d, dtype, theta, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    z_s = torch.randn(n, d, generator=gen).to("cuda", dtype)
+    z_t = torch.randn(n, d, generator=gen).to("cuda", dtype)
+    return z_s, z_t, torch.tensor(theta, device="cuda")
+
+
+def fused(*args, **kwargs):
+    return icd_fast.icd_loss(*args, backend="cuda", **kwargs)
+
+
+@pytest.mark.parametrize("d", [1, 3, 128, 130, 1024, 2048])
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 129, 1000])
+def test_cuda_matches_oracle(n, d):
+    for theta in [0.5, math.log(10.0), 3.0]:
+        z_s, z_t, th = on_gpu(n, d, torch.float32, theta, seed=n + d)
+        (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
+        (want, _, _), w_grads = oracle(z_s.cpu(), z_t.cpu(), th.cpu())
+        assert_rel_close(loss.cpu(), want, 1e-5, "loss", floor=1.0)
+        assert_grads_match([g.cpu() for g in grads], w_grads, n, d, 1e-5, f"N={n} D={d}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_cuda_half_inputs(dtype):
+    z_s, z_t, th = on_gpu(300, 128, dtype, 1.0)
+    (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
+    (want, _, _), w_grads = oracle(z_s.cpu(), z_t.cpu(), th.cpu())
+    assert_rel_close(loss.cpu(), want, 1e-5, "loss")
+    for got, ref in zip(grads, w_grads):
+        assert_rel_close(got.cpu(), ref, 1e-2, "grad")
+
+
+def test_cuda_online_maximum_path():
+    z_s, z_t, _ = on_gpu(500, 64, torch.float32, 0.0)
+    th = torch.tensor(math.log(60.0), device="cuda")
+    (loss, _, _), grads = loss_and_grads(fused, z_s, -z_s + 0.01 * z_t, th, max_scale=100.0)
+    (want, _, _), w_grads = oracle(z_s.cpu(), (-z_s + 0.01 * z_t).cpu(), th.cpu(),
+                                   max_scale=100.0)
+    assert_rel_close(loss.cpu(), want, 1e-5, "loss")
+    for got, ref in zip(grads, w_grads):
+        assert_rel_close(got.cpu(), ref, 1e-4, "grad")
+
+
+def test_cuda_repeats_bit_for_bit():
+    z_s, z_t, th = on_gpu(3000, 128, torch.float32, 1.0)
+    first = loss_and_grads(fused, z_s, z_t, th)
+    second = loss_and_grads(fused, z_s, z_t, th)
+    for a, b in zip(first[0] + first[1], second[0] + second[1]):
+        assert torch.equal(a, b)
+
+
+def test_cuda_opcheck():
+    z_s, z_t, th = on_gpu(50, 40, torch.float32, 1.0)
+    torch.library.opcheck(torch.ops.icd_fast.icd_forward.default, (z_s, z_t, th, 0.5, 10.0))
+
+
+def test_cuda_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    z_s, z_t, th = on_gpu(256, 64, torch.float32, 1.0)
+    compiled = torch.compile(lambda a, b, c: fused(a, b, c), fullgraph=True)
+    assert torch.equal(compiled(z_s, z_t, th), fused(z_s, z_t, th))
