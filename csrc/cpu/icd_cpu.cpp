@@ -98,6 +98,29 @@ void form_tiles(const at::Tensor& s, const at::Tensor& t, int64_t i0, int64_t bi
   }
 }
 
+// One tile pair {I, J}: rows [i0, i0 + bi) and [j0, j0 + bj).
+struct TilePair {
+  int64_t i0, bi, j0, bj;
+  bool diagonal;
+};
+
+// Calls fn(pair, cos_x, cos_y) for each tile pair of worker w, with both cosine tiles of the
+// pair already formed in the worker's scratch buffers.
+template <typename acc_t, typename Fn>
+void for_each_formed_pair(const TilePlan& plan, int64_t w, const at::Tensor& s,
+                          const at::Tensor& t, const Fn& fn) {
+  const int64_t tile = plan.max_tile();
+  auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
+  for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
+    const auto [ti, tj] = plan.pairs[q];
+    const TilePair pair{plan.tile_begin(ti), plan.tile_size(ti), plan.tile_begin(tj),
+                        plan.tile_size(tj), ti == tj};
+    form_tiles(s, t, pair.i0, pair.bi, pair.j0, pair.bj, pair.diagonal, cos_x.get(),
+               cos_y.get());
+    fn(pair, cos_x.get(), cos_y.get());
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -220,26 +243,19 @@ void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, a
   std::vector<PartialSums> partials(plan.num_workers, PartialSums(n, initial_shift));
 
   for_each_worker(plan, [&](int64_t w) {
-    const int64_t tile = plan.max_tile();
-    auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
-    auto scratch = scratch_buffer<acc_t>(5 * tile);
-    for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
-      const auto [ti, tj] = plan.pairs[q];
-      const int64_t i0 = plan.tile_begin(ti), bi = plan.tile_size(ti);
-      const int64_t j0 = plan.tile_begin(tj), bj = plan.tile_size(tj);
-      const bool diagonal = ti == tj;
-      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.get(), cos_y.get());
-      if (diagonal)
-        for (int64_t i = 0; i < bi; ++i) diag_cos[i0 + i] = cos_x.get()[i * bj + i];
+    auto scratch = scratch_buffer<acc_t>(5 * plan.max_tile());
+    for_each_formed_pair<acc_t>(plan, w, s, t, [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y) {
+      if (p.diagonal)
+        for (int64_t i = 0; i < p.bi; ++i) diag_cos[p.i0 + i] = cos_x[i * p.bj + i];
       run_with_best_isa([&]() ICD_INLINE_LAMBDA {
-        if (diagonal)
-          accumulate_tile<acc_t, false, kOnlineMax>(cos_x.get(), cos_y.get(), bi, bj, kappa, i0,
-                                                    j0, partials[w], scratch.get());
+        if (p.diagonal)
+          accumulate_tile<acc_t, false, kOnlineMax>(cos_x, cos_y, p.bi, p.bj, kappa, p.i0,
+                                                    p.j0, partials[w], scratch.get());
         else
-          accumulate_tile<acc_t, true, kOnlineMax>(cos_x.get(), cos_y.get(), bi, bj, kappa, i0,
-                                                   j0, partials[w], scratch.get());
+          accumulate_tile<acc_t, true, kOnlineMax>(cos_x, cos_y, p.bi, p.bj, kappa, p.i0, p.j0,
+                                                   partials[w], scratch.get());
       });
-    }
+    });
   });
 
   // Merge the workers in order, then turn the sums into the per-row statistics.
@@ -370,37 +386,27 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
       return m.narrow(0, begin, size);
     };
     const int64_t tile = plan.max_tile();
-    auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
     auto gx = scratch_buffer<acc_t>(tile * tile), gy = scratch_buffer<acc_t>(tile * tile);
-    for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
-      const auto [ti, tj] = plan.pairs[q];
-      const int64_t i0 = plan.tile_begin(ti), bi = plan.tile_size(ti);
-      const int64_t j0 = plan.tile_begin(tj), bj = plan.tile_size(tj);
-      const bool diagonal = ti == tj;
-      form_tiles(s, t, i0, bi, j0, bj, diagonal, cos_x.get(), cos_y.get());
+    for_each_formed_pair<acc_t>(plan, w, s, t, [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y) {
       run_with_best_isa([&]() ICD_INLINE_LAMBDA {
-        if (diagonal)
+        if (p.diagonal)
           dkappa[w] += gradient_tile<acc_t, false, kFixedShift>(
-              cos_x.get(), cos_y.get(), bi, bj, kappa, all_rows.offset(i0), all_rows.offset(j0),
+              cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
               w_ce, w_kl, gx.get(), gy.get());
         else
           dkappa[w] += gradient_tile<acc_t, true, kFixedShift>(
-              cos_x.get(), cos_y.get(), bi, bj, kappa, all_rows.offset(i0), all_rows.offset(j0),
+              cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
               w_ce, w_kl, gx.get(), gy.get());
       });
-      if (diagonal) {
-        scatter_gradient_tile(gx.get(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
-                              rows(my_ds, i0, bi), rows(my_dt, j0, bj));
-      } else {
-        // G_IJ: rows of S_I, columns of T_J.
-        scatter_gradient_tile(gx.get(), bi, bj, rows(s, i0, bi), rows(t, j0, bj), a,
-                              rows(my_ds, i0, bi), rows(my_dt, j0, bj));
-        // G_JI = gy^T: dT_I += a gy S_J, dS_J += a gy^T T_I (the same shape with t and s
-        // exchanged).
-        scatter_gradient_tile(gy.get(), bi, bj, rows(t, i0, bi), rows(s, j0, bj), a,
-                              rows(my_dt, i0, bi), rows(my_ds, j0, bj));
-      }
-    }
+      // G_IJ: rows of S_I, columns of T_J.
+      scatter_gradient_tile(gx.get(), p.bi, p.bj, rows(s, p.i0, p.bi), rows(t, p.j0, p.bj), a,
+                            rows(my_ds, p.i0, p.bi), rows(my_dt, p.j0, p.bj));
+      // G_JI = gy^T (off the diagonal): dT_I += a gy S_J, dS_J += a gy^T T_I (the same shape
+      // with t and s exchanged).
+      if (!p.diagonal)
+        scatter_gradient_tile(gy.get(), p.bi, p.bj, rows(t, p.i0, p.bi), rows(s, p.j0, p.bj), a,
+                              rows(my_dt, p.i0, p.bi), rows(my_ds, p.j0, p.bj));
+    });
   });
 
   if (!private_grads.empty()) {

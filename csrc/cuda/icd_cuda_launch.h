@@ -15,6 +15,13 @@
 
 namespace icd_fast::cuda {
 
+// The input dtypes the kernels are instantiated for.
+#define ICD_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)        \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                          \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
 inline int64_t blocks_for(int64_t rows, int64_t rows_per_block) {
   return (rows + rows_per_block - 1) / rows_per_block;
 }
@@ -54,7 +61,7 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
   at::Tensor blocks_done = at::zeros({1}, z_s.options().dtype(at::kInt));
   const at::Tensor scale = log_scale.to(at::kFloat).contiguous();
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z_s.scalar_type(), "icd_normalize", [&] {
+  ICD_DISPATCH_KERNEL_TYPES(z_s.scalar_type(), "icd_normalize", [&] {
     NormalizeParams np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
                        z_t.stride(0), z_t.stride(1), static_cast<int>(n), static_cast<int>(d),
                        unit.data_ptr<float>(), norms.data_ptr<float>()};
@@ -99,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
   at::Tensor grad_scale = at::empty({}, f32);
   at::Tensor blocks_done = at::zeros({1}, f32.dtype(at::kInt));
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_dtype, "icd_backward_cuda", [&] {
+  ICD_DISPATCH_KERNEL_TYPES(grad_dtype, "icd_backward_cuda", [&] {
     BackwardParams bp{units.data_ptr<float>(), unit_norms.data_ptr<float>(),
                       scale.data_ptr<float>(), g_loss, g_ce, g_kl,
                       static_cast<float>(alpha), static_cast<float>(max_scale),
