@@ -76,12 +76,19 @@ class ICDLoss(nn.Module):
                         return_parts=return_parts)
 
     @staticmethod
-    def convert_authors_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    def convert_authors_state_dict(state_dict: Mapping[str, torch.Tensor],
+                                   authors_trainable: bool = True) -> dict:
         """Renames the keys of a state dict saved from the authors' module to ours.
 
-        ``embed_s.linear.{weight,bias}`` or ``embed_s.{weight,bias}`` (likewise ``embed_t``)
-        become ``embed_s.{weight,bias}``; ``params.tau`` (theta) becomes ``log_scale`` and
-        ``params.b`` becomes ``bias``, reshaped to scalars. Unknown keys raise ``KeyError``.
+        ``embed_s.{weight,bias}`` (or CRD-style ``embed_s.linear.*``; likewise ``embed_t``)
+        keep their names; ``params.tau`` becomes ``log_scale`` and ``params.b`` becomes
+        ``bias``, reshaped to scalars. Unknown keys raise ``KeyError``.
+
+        With ``authors_trainable=True`` (their default) ``params.tau`` is theta, as here. A
+        module saved with ``trainable=False`` multiplies the logits by ``params.tau`` itself
+        (e.g. 0.07), so ``log_scale`` becomes ``log(params.tau)`` to reproduce what it
+        computed; load it into an ``ICDLoss(learnable=False)`` whose ``max_scale`` is at least
+        that value.
         """
         converted = {}
         for key, value in state_dict.items():
@@ -90,17 +97,20 @@ class ICDLoss(nn.Module):
                     len(parts) == 2 or (len(parts) == 3 and parts[1] == "linear")):
                 converted[f"{parts[0]}.{parts[-1]}"] = value
             elif key == "params.tau":
-                converted["log_scale"] = value.reshape(())
+                theta = value.reshape(())
+                converted["log_scale"] = theta if authors_trainable else theta.log()
             elif key == "params.b":
                 converted["bias"] = value.reshape(())
             else:
                 raise KeyError(f"unexpected key {key!r} in the authors' state dict")
         return converted
 
-    def load_authors_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    def load_authors_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True,
+                                authors_trainable: bool = True):
         """Loads a state dict saved from the authors' ICD/DCD module (see
         :meth:`convert_authors_state_dict`)."""
-        return self.load_state_dict(self.convert_authors_state_dict(state_dict), strict=strict)
+        converted = self.convert_authors_state_dict(state_dict, authors_trainable)
+        return self.load_state_dict(converted, strict=strict)
 
     def extra_repr(self) -> str:
         return f"alpha={self.alpha}, max_scale={self.max_scale}, backend={self.backend!r}"

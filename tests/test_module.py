@@ -49,21 +49,37 @@ def test_fixed_temperature_means_scale_one_over_t():
         ICDLoss(4, 4, temperature=0.1)
 
 
-def test_loads_the_authors_state_dict():
-    # Keys as the authors' module saves them: CRD-style Embed heads and a params dict.
+@pytest.mark.parametrize("head", ["", ".linear"])  # the authors' nn.Linear, or CRD's Embed
+def test_loads_the_authors_state_dict(head):
+    # Keys as the authors' DCDLoss saves them: two heads and a LearnableParams `params`.
     authors = {
-        "embed_s.linear.weight": torch.randn(8, 6), "embed_s.linear.bias": torch.randn(8),
-        "embed_t.linear.weight": torch.randn(8, 10), "embed_t.linear.bias": torch.randn(8),
-        "params.tau": torch.tensor([0.4]), "params.b": torch.tensor([0.2]),
+        f"embed_s{head}.weight": torch.randn(8, 6), f"embed_s{head}.bias": torch.randn(8),
+        f"embed_t{head}.weight": torch.randn(8, 10), f"embed_t{head}.bias": torch.randn(8),
+        "params.tau": torch.tensor(0.4), "params.b": torch.tensor(0.2),
     }
     crit = ICDLoss(s_dim=6, t_dim=10, feat_dim=8)
     crit.load_authors_state_dict(authors)
-    assert torch.equal(crit.embed_s.weight, authors["embed_s.linear.weight"])
-    assert torch.equal(crit.embed_t.bias, authors["embed_t.linear.bias"])
-    assert crit.log_scale.item() == pytest.approx(0.4)
+    assert torch.equal(crit.embed_s.weight, authors[f"embed_s{head}.weight"])
+    assert torch.equal(crit.embed_t.bias, authors[f"embed_t{head}.bias"])
+    assert crit.log_scale.item() == pytest.approx(0.4)  # theta: the scale is exp(0.4)
     assert crit.bias.item() == pytest.approx(0.2)
     with pytest.raises(KeyError, match="unexpected key"):
         crit.load_authors_state_dict({**authors, "queue": torch.zeros(1)})
+
+
+def test_authors_non_trainable_tau_is_the_multiplier_itself():
+    authors = {"embed_s.weight": torch.randn(4, 3), "embed_s.bias": torch.randn(4),
+               "embed_t.weight": torch.randn(4, 5), "embed_t.bias": torch.randn(4),
+               "params.tau": torch.tensor(0.07), "params.b": torch.tensor(0.0)}
+    crit = ICDLoss(3, 5, feat_dim=4, learnable=False)
+    crit.load_authors_state_dict(authors, authors_trainable=False)
+    assert crit.scale.item() == pytest.approx(0.07, rel=1e-6)
+    f_s, f_t = torch.randn(9, 3), torch.randn(9, 5)
+    z_s, z_t = crit.embed_s(f_s), crit.embed_t(f_t)
+    logits = 0.07 * torch.nn.functional.normalize(z_s, dim=1) @ torch.nn.functional.normalize(z_t, dim=1).T
+    want = torch.nn.functional.cross_entropy(logits, torch.arange(9)) + 0.5 * torch.nn.functional.kl_div(
+        logits.log_softmax(1), logits.softmax(0).T, reduction="batchmean")
+    assert crit(f_s, f_t).item() == pytest.approx(want.item(), rel=1e-5)
 
 
 def test_state_dict_round_trip():
