@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
+import icd_fast
 from helpers import assert_grads_match, assert_rel_close, make_inputs, oracle
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,7 +86,6 @@ def test_emul_strided_inputs_and_upstream_parts(emulated):
     grads = emulated.backward(None, torch.tensor(0.3), torch.tensor(2.0), unit, norms, th, r, c,
                               k, 0.5, 10.0, torch.float32)
     leaves = [x.detach().double().requires_grad_() for x in (z_s, z_t, th)]
-    import icd_fast
     _, w_ce, w_kl = icd_fast.icd_loss_reference(*leaves, return_parts=True)
     w_grads = torch.autograd.grad(0.3 * w_ce + 2.0 * w_kl, leaves)
     for got, ref in zip(grads, w_grads):

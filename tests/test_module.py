@@ -1,6 +1,4 @@
 """ICDLoss: the drop-in module, its parameters, modes and the authors' state dicts."""
-import math
-
 import pytest
 import torch
 
