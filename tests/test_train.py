@@ -1,0 +1,134 @@
+"""The training application: zoo, digits data, distillers, loop, checkpoints, resume, demo."""
+import math
+
+import pytest
+import torch
+
+import icd_fast
+from train import engine
+from train.cli import main as cli_main
+from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
+from train.distillers import DISTILLERS, build_distiller
+from train.models import FeatureTap, build_model, model_names
+
+
+@pytest.mark.parametrize("name", model_names())
+def test_every_zoo_model_feeds_icd_loss(name):
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=7)
+    tap = FeatureTap(model)
+    logits = model(torch.randn(3, 3, 32, 32))
+    assert logits.shape == (3, 7)
+    assert tap.features.shape == (3, tap.dim)
+    criterion = icd_fast.ICDLoss(tap.dim, 24, feat_dim=16)
+    loss = criterion(tap.features, torch.randn(3, 24))
+    loss.backward()
+    assert torch.isfinite(loss)
+    # The loss reaches the model's own weights through the tapped features.
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_unknown_model_names_the_known_ones():
+    with pytest.raises(ValueError, match="unknown model 'resnet9'.*resnet8"):
+        build_model("resnet9", 10)
+
+
+def test_digits_split_is_stratified_and_disjoint():
+    train, test = digits_datasets(image_size=12)
+    assert train.tensors[0].shape[1:] == (1, 12, 12)
+    assert len(train) + len(test) == 1797
+    for part in (train, test):
+        counts = torch.bincount(part.tensors[1], minlength=NUM_CLASSES)
+        assert counts.min() > 0.8 * counts.float().mean()
+    flat_train = {tuple(x.flatten().tolist()) for x in train.tensors[0][:200]}
+    assert not any(tuple(x.flatten().tolist()) in flat_train for x in test.tensors[0][:200])
+    small = stratified_subset(train, 0.1)
+    assert torch.bincount(small.tensors[1], minlength=NUM_CLASSES).min() >= 1
+
+
+def tiny_problem(seed=0):
+    train, test = digits_datasets(image_size=8)
+    return stratified_subset(train, 0.15, seed), stratified_subset(test, 0.3, seed)
+
+
+def make_distiller(method, seed=0):
+    torch.manual_seed(seed)
+    teacher = build_model("resnet8", NUM_CLASSES, in_channels=1)
+    student = build_model("resnet8", NUM_CLASSES, in_channels=1)
+    return build_distiller(method, student, None if method == "vanilla" else teacher)
+
+
+def run(distiller, train, test, epochs, out_dir=None, resume=False, lr=0.05):
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    config = engine.TrainConfig(epochs=epochs, batch_size=32, seed=1, out_dir=out_dir)
+    return engine.fit(distiller, train, test, opt, sched, config, resume=resume)
+
+
+@pytest.mark.parametrize("method", sorted(DISTILLERS))
+def test_short_distillation_lowers_the_loss(method):
+    train, test = tiny_problem()
+    history = run(make_distiller(method), train, test, epochs=5)
+    losses = [r["loss"] for r in history.rows]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(math.isfinite(v) for v in losses)
+
+
+def test_icd_trains_theta_and_keeps_the_teacher_frozen():
+    train, test = tiny_problem()
+    distiller = make_distiller("icd_kd")
+    theta0 = distiller.criterion.log_scale.item()
+    teacher0 = {k: v.clone() for k, v in distiller.teacher.state_dict().items()}
+    history = run(distiller, train, test, epochs=2)
+    assert distiller.criterion.log_scale.item() != theta0
+    for k, v in distiller.teacher.state_dict().items():
+        assert torch.equal(v, teacher0[k]), k  # weights and batch-norm statistics
+    assert {"ce", "kd", "icd", "loss"} <= set(history.rows[-1])
+
+
+def test_a_method_that_needs_a_teacher_says_so():
+    with pytest.raises(ValueError, match="needs a teacher"):
+        build_distiller("icd", build_model("resnet8", 10), None)
+    with pytest.raises(ValueError, match="unknown method 'crd2'"):
+        build_distiller("crd2", build_model("resnet8", 10), None)
+
+
+def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
+    train, test = tiny_problem()
+    torch.use_deterministic_algorithms(True)
+    try:
+        full = run(make_distiller("icd"), train, test, epochs=4, out_dir=tmp_path / "full")
+        torch.manual_seed(123)  # the resumed process starts from other RNG state
+        run(make_distiller("icd"), train, test, epochs=2, out_dir=tmp_path / "split")
+        resumed = run(make_distiller("icd", seed=99), train, test, epochs=4,
+                      out_dir=tmp_path / "split", resume=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert [r["epoch"] for r in resumed.rows] == [0, 1, 2, 3]
+    for a, b in zip(full.rows, resumed.rows):
+        assert a == b
+    assert (tmp_path / "split" / "best.pt").exists()
+    assert not list((tmp_path / "split").glob("*.tmp"))
+    header = (tmp_path / "split" / "log.csv").read_text().splitlines()[0]
+    assert header.startswith("epoch,")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train, test = tiny_problem()
+    distiller = make_distiller("vanilla")
+    run(distiller, train, test, epochs=1, out_dir=tmp_path)
+    good = torch.load(tmp_path / "last.pt", weights_only=False)
+    with torch.no_grad():
+        distiller.student.fc.weight.fill_(float("nan"))
+    with pytest.raises(engine.NonFiniteLoss, match="last good checkpoint"):
+        run(distiller, train, test, epochs=3, out_dir=tmp_path, resume=False)
+    kept = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert kept["epoch"] == good["epoch"] == 0
+
+
+def test_demo_prints_the_table(capsys):
+    assert cli_main(["demo", "--teacher-epochs", "1", "--epochs", "1", "--seeds", "2",
+                     "--image-size", "8", "--methods", "vanilla", "icd"]) == 0
+    out = capsys.readouterr().out
+    assert "| vanilla |" in out and "| icd |" in out and "+-" in out

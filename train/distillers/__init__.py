@@ -1,0 +1,132 @@
+"""Distillation methods, each a Distiller with one training-step interface:
+
+    logits, losses = distiller(images, labels)     # losses: {"ce": ..., "kd": ..., "icd": ...}
+    sum(losses.values()).backward()
+
+Methods come from a registry (`DISTILLERS`, `build_distiller`). Teacher and student
+penultimate features are taken by forward hooks on their classifiers (train.models.FeatureTap),
+so any model of the zoo, or any torchvision model, can play either part.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import icd_fast
+
+from ..models import FeatureTap
+
+DISTILLERS: Dict[str, Callable[..., "Distiller"]] = {}
+
+
+def register(name: str):
+    def add(cls):
+        DISTILLERS[name] = cls
+        cls.method = name
+        return cls
+    return add
+
+
+def build_distiller(method: str, student: nn.Module, teacher: Optional[nn.Module] = None,
+                    **options) -> "Distiller":
+    if method not in DISTILLERS:
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(DISTILLERS))}")
+    return DISTILLERS[method](student, teacher, **options)
+
+
+def kd_loss(student_logits, teacher_logits, temperature: float) -> torch.Tensor:
+    """Hinton's KD: KL(softmax(t / T) || softmax(s / T)) * T^2."""
+    return F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.softmax(teacher_logits / temperature, dim=1),
+                    reduction="batchmean") * temperature ** 2
+
+
+class Distiller(nn.Module):
+    """Student (trained), optional frozen teacher, and the method's own modules."""
+
+    needs_teacher = True
+
+    def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None):
+        super().__init__()
+        if self.needs_teacher and teacher is None:
+            raise ValueError(f"method {self.method!r} needs a teacher model")
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        self.student_tap = FeatureTap(student)
+        self.teacher_tap = FeatureTap(teacher) if teacher is not None else None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher's batch-norm statistics stay fixed
+        return self
+
+    def teacher_outputs(self, images) -> Tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = self.teacher(images)
+        return logits, self.teacher_tap.features
+
+    def forward(self, images, labels) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+
+@register("vanilla")
+class Vanilla(Distiller):
+    """Cross-entropy on the labels only (no teacher)."""
+
+    needs_teacher = False
+
+    def forward(self, images, labels):
+        logits = self.student(images)
+        return logits, {"ce": F.cross_entropy(logits, labels)}
+
+
+@register("kd")
+class KD(Distiller):
+    """Hinton et al.: gamma CE + lambda KD_T (gamma 0.1, lambda 0.9, T 4 by default, the
+    setting of the CRD benchmark)."""
+
+    def __init__(self, student, teacher, gamma=0.1, lam=0.9, temperature=4.0):
+        super().__init__(student, teacher)
+        self.gamma, self.lam, self.temperature = gamma, lam, temperature
+
+    def forward(self, images, labels):
+        t_logits, _ = self.teacher_outputs(images)
+        logits = self.student(images)
+        return logits, {"ce": self.gamma * F.cross_entropy(logits, labels),
+                        "kd": self.lam * kd_loss(logits, t_logits, self.temperature)}
+
+
+@register("icd")
+class ICD(Distiller):
+    """gamma CE + lambda KD_T + beta ICD (paper eq. 13): "icd" has lambda = 0, "icd_kd" 1.
+    The ICD criterion's heads, theta and b are trained with the student."""
+
+    default_lambda = 0.0
+
+    def __init__(self, student, teacher, gamma=1.0, lam=None, beta=1.0, temperature=4.0,
+                 feat_dim=128, alpha=0.5, backend="auto", sample_input=None):
+        super().__init__(student, teacher)
+        self.gamma, self.beta, self.temperature = gamma, beta, temperature
+        self.lam = self.default_lambda if lam is None else lam
+        self.criterion = icd_fast.ICDLoss(self.student_tap.dim, self.teacher_tap.dim,
+                                          feat_dim=feat_dim, alpha=alpha, backend=backend)
+
+    def forward(self, images, labels):
+        t_logits, t_features = self.teacher_outputs(images)
+        logits = self.student(images)
+        losses = {"ce": self.gamma * F.cross_entropy(logits, labels),
+                  "icd": self.beta * self.criterion(self.student_tap.features, t_features)}
+        if self.lam:
+            losses["kd"] = self.lam * kd_loss(logits, t_logits, self.temperature)
+        return logits, losses
+
+
+@register("icd_kd")
+class ICDKD(ICD):
+    default_lambda = 1.0
