@@ -9,7 +9,6 @@ import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -35,7 +34,8 @@ def train_model(method, student, teacher, train_set, test_set, epochs, batch_siz
 
 def demo(args) -> int:
     start = time.time()
-    torch.set_num_threads(args.threads) if args.threads else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
     train_set, test_set = digits_datasets(image_size=args.image_size)
     # The teacher learns from the whole training split, the students from a small part of
     # it: the regime where what a teacher passes on shows in the students' accuracy.

@@ -60,7 +60,6 @@ class TrainConfig:
     batch_size: int
     seed: int = 0
     out_dir: Optional[Path] = None
-    log_every: int = 0
     num_workers: int = 0
 
 

@@ -110,7 +110,7 @@ class ICD(Distiller):
     default_lambda = 0.0
 
     def __init__(self, student, teacher, gamma=1.0, lam=None, beta=1.0, temperature=4.0,
-                 feat_dim=128, alpha=0.5, backend="auto", sample_input=None):
+                 feat_dim=128, alpha=0.5, backend="auto"):
         super().__init__(student, teacher)
         self.gamma, self.beta, self.temperature = gamma, beta, temperature
         self.lam = self.default_lambda if lam is None else lam
