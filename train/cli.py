@@ -32,7 +32,7 @@ DEMO_METHODS = ("vanilla", "kd", "icd", "icd_kd")
 
 def train_model(method, student, teacher, train_set, test_set, epochs, batch_size, lr, seed,
                 out_dir=None, resume=False):
-    distiller = build_distiller(method, student, teacher)
+    distiller = build_distiller(method, student, teacher, num_samples=len(train_set))
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
@@ -97,7 +97,7 @@ def run_training(args, method: str, student_name: str, teacher=None) -> int:
     train_set, test_set, classes, channels = load_data(args.dataset, args.data, args.download)
     student = build_model(student_name, classes, channels)
     epochs, batch, lr, milestones, wd = recipe(args, student_name)
-    distiller = build_distiller(method, student, teacher)
+    distiller = build_distiller(method, student, teacher, num_samples=len(train_set))
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.1)

@@ -21,6 +21,20 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 
+class IndexedDataset(Dataset):
+    """Yields (image, label, index): memory-bank methods (CRD) need each sample's index."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        image, label = self.dataset[i]
+        return image, label, i
+
+
 class NonFiniteLoss(RuntimeError):
     """A training loss became NaN or infinite; the last good checkpoint is kept."""
 
@@ -110,13 +124,14 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     for epoch in range(start_epoch, config.epochs):
         distiller.train()
         order = torch.Generator().manual_seed(config.seed * 100003 + epoch)
-        loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True,
-                            generator=order, num_workers=config.num_workers, drop_last=True)
+        loader = DataLoader(IndexedDataset(train_set), batch_size=config.batch_size,
+                            shuffle=True, generator=order, num_workers=config.num_workers,
+                            drop_last=True)
         sums: Dict[str, float] = {}
         steps = 0
-        for images, labels in loader:
+        for images, labels, indices in loader:
             images, labels = images.to(device), labels.to(device)
-            _, losses = distiller(images, labels)
+            _, losses = distiller(images, labels, indices.to(device))
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(
