@@ -261,21 +261,20 @@ void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, a
   // Merge the workers in order, then turn the sums into the per-row statistics.
   at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      double row_shift = partials[0].row_shift[i], col_shift = partials[0].col_shift[i];
-      for (const auto& p : partials) {
-        row_shift = std::max(row_shift, p.row_shift[i]);
-        col_shift = std::max(col_shift, p.col_shift[i]);
-      }
-      double row_sum = 0, col_sum = 0, kl_sum = 0;
-      for (const auto& p : partials) {
-        // A worker that never saw row i still has shift -inf and sums 0: it adds nothing.
-        if (p.row_shift[i] != -std::numeric_limits<double>::infinity())
-          row_sum += p.row_sum[i] * std::exp(p.row_shift[i] - row_shift);
-        if (p.col_shift[i] != -std::numeric_limits<double>::infinity()) {
-          const double factor = std::exp(p.col_shift[i] - col_shift);
-          col_sum += p.col_sum[i] * factor;
-          kl_sum += p.kl_sum[i] * factor;
-        }
+      // A worker that never saw row i holds shift -inf and sums 0; merge_shifts adds nothing
+      // for it (and no NaN).
+      double row_shift = partials[0].row_shift[i], row_sum = partials[0].row_sum[i];
+      double col_shift = partials[0].col_shift[i], col_sum = partials[0].col_sum[i];
+      double kl_sum = partials[0].kl_sum[i];
+      for (size_t w = 1; w < partials.size(); ++w) {
+        const PartialSums& p = partials[w];
+        const ShiftMerge<double> r = merge_shifts(row_shift, p.row_shift[i]);
+        row_sum = row_sum * r.factor1 + p.row_sum[i] * r.factor2;
+        row_shift = r.shift;
+        const ShiftMerge<double> c = merge_shifts(col_shift, p.col_shift[i]);
+        col_sum = col_sum * c.factor1 + p.col_sum[i] * c.factor2;
+        kl_sum = kl_sum * c.factor1 + p.kl_sum[i] * c.factor2;
+        col_shift = c.shift;
       }
       const RowStats<acc_t> st = finalize_row<acc_t>(row_sum, row_shift, col_sum, col_shift,
                                                       kl_sum);
