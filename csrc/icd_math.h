@@ -92,17 +92,24 @@ ICD_HOST_DEVICE double exp_acc<double>(double x) {
   return std::exp(x);
 }
 
-// A running sum of exponentials kept as (shift m, sum s) = sum e^(v - m). Adding a value
-// above the shift moves the shift up (the online softmax); starting from m = kappa instead
-// of -inf makes that branch (almost) never taken while kappa <= kFixedShiftMaxScale.
+// Running sums of exponentials are kept with a shift m, as sum e^(v - m). When a value v
+// above the shift arrives, the shift moves up to v (the online softmax) and every sum taken
+// with the old shift must be multiplied by the returned factor e^(m_old - v); otherwise the
+// factor is 1. A NaN v leaves the shift alone (the NaN reaches the sums through e^(v - m)).
+template <typename T>
+ICD_HOST_DEVICE T raise_shift(T v, T& m) {
+  if (!(v > m)) return T(1);
+  const T factor = exp_acc<T>(m - v);
+  m = v;
+  return factor;
+}
+
+// Adds e^(v - m) to the running sum s with shift m. Starting from m = kappa instead of -inf
+// makes the rescaling (almost) never happen while kappa <= kFixedShiftMaxScale.
 template <typename T>
 ICD_HOST_DEVICE void add_shifted(T v, T& m, T& s) {
-  if (v > m) {
-    s = s * exp_acc<T>(m - v) + T(1);
-    m = v;
-  } else {
-    s += exp_acc<T>(v - m);
-  }
+  s *= raise_shift(v, m);
+  s += exp_acc<T>(v - m);
 }
 
 // The common shift of two shifted sums and the factors that move each onto it; -inf shifts

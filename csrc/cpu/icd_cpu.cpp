@@ -133,15 +133,6 @@ struct PartialSums {
         col_shift(n, initial_shift) {}
 };
 
-// Moves sum(s) taken with shift `shift` onto shift `new_shift` (>= shift).
-inline void raise_shift(double& shift, double new_shift, double* sum_a, double* sum_b) {
-  if (!(new_shift > shift)) return;  // also false for NaN: the NaN reaches the sums later
-  const double factor = std::exp(shift - new_shift);
-  *sum_a *= factor;
-  if (sum_b) *sum_b *= factor;
-  shift = new_shift;
-}
-
 // Adds one tile pair to the partial sums. kBothHalves is false on a diagonal tile, where
 // cos_y is the mirror of cos_x and the X half alone already covers every logit once.
 template <typename acc_t, bool kBothHalves, bool kOnlineMax>
@@ -173,13 +164,18 @@ ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, i
           shift_rj[j] = y > shift_rj[j] ? y : shift_rj[j];
         }
       }
-      raise_shift(p.row_shift[i0 + i], max_x, &p.row_sum[i0 + i], nullptr);
-      if (kBothHalves)
-        raise_shift(p.col_shift[i0 + i], max_y, &p.col_sum[i0 + i], &p.kl_sum[i0 + i]);
+      p.row_sum[i0 + i] *= raise_shift<double>(max_x, p.row_shift[i0 + i]);
+      if (kBothHalves) {
+        const double rescale = raise_shift<double>(max_y, p.col_shift[i0 + i]);
+        p.col_sum[i0 + i] *= rescale;
+        p.kl_sum[i0 + i] *= rescale;
+      }
     }
     for (int64_t j = 0; j < bj; ++j) {
-      raise_shift(p.col_shift[j0 + j], shift_cj[j], &p.col_sum[j0 + j], &p.kl_sum[j0 + j]);
-      if (kBothHalves) raise_shift(p.row_shift[j0 + j], shift_rj[j], &p.row_sum[j0 + j], nullptr);
+      const double rescale = raise_shift<double>(shift_cj[j], p.col_shift[j0 + j]);
+      p.col_sum[j0 + j] *= rescale;
+      p.kl_sum[j0 + j] *= rescale;
+      if (kBothHalves) p.row_sum[j0 + j] *= raise_shift<double>(shift_rj[j], p.row_shift[j0 + j]);
       shift_cj[j] = static_cast<acc_t>(p.col_shift[j0 + j]);
       shift_rj[j] = static_cast<acc_t>(p.row_shift[j0 + j]);
     }

@@ -199,12 +199,9 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
       if (i >= n || j >= n) continue;
       const float l_ij = kappa * x[m], l_ji = kappa * y[m];
       add_shifted(l_ij, shift_r, sum_r);
-      if (l_ji > shift_c) {
-        const float f = exp_acc<float>(shift_c - l_ji);
-        sum_c *= f;
-        sum_k *= f;
-        shift_c = l_ji;
-      }
+      const float rescale = raise_shift(l_ji, shift_c);  // C and K share the shift
+      sum_c *= rescale;
+      sum_k *= rescale;
       const float e = exp_acc<float>(l_ji - shift_c);
       sum_c += e;
       sum_k += e * (l_ji - l_ij);
