@@ -30,15 +30,15 @@ from .models import build_model
 DEMO_METHODS = ("vanilla", "kd", "icd", "icd_kd")
 
 
-def train_model(method, student, teacher, train_set, test_set, epochs, batch_size, lr, seed,
-                out_dir=None, resume=False):
+def train_model(method, student, teacher, train_set, test_set, config: engine.TrainConfig,
+                lr: float, weight_decay: float, make_scheduler, resume: bool = False):
+    """SGD (momentum 0.9) on the student and the method's own modules; make_scheduler(opt)
+    gives the learning-rate schedule."""
     distiller = build_distiller(method, student, teacher, num_samples=len(train_set))
     params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
-    config = engine.TrainConfig(epochs=epochs, batch_size=batch_size, seed=seed,
-                                out_dir=out_dir)
-    history = engine.fit(distiller, train_set, test_set, optimizer, scheduler, config, resume)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    history = engine.fit(distiller, train_set, test_set, optimizer, make_scheduler(optimizer),
+                         config, resume)
     return distiller, history
 
 
@@ -92,19 +92,18 @@ def load_weights(model, path, name: str) -> None:
                          f"{str(error).splitlines()[0]}") from error
 
 
-def run_training(args, method: str, student_name: str, teacher=None) -> int:
+def run_training(args, method: str, student_name: str, data, teacher=None) -> int:
+    """One run of the train-teacher or distill command on data = load_data(...)."""
     engine.seed_everything(args.seed, deterministic=args.deterministic)
-    train_set, test_set, classes, channels = load_data(args.dataset, args.data, args.download)
+    train_set, test_set, classes, channels = data
     student = build_model(student_name, classes, channels)
     epochs, batch, lr, milestones, wd = recipe(args, student_name)
-    distiller = build_distiller(method, student, teacher, num_samples=len(train_set))
-    params = [p for p in distiller.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=0.1)
     config = engine.TrainConfig(epochs=epochs, batch_size=batch, seed=args.seed,
                                 out_dir=Path(args.out), num_workers=args.workers)
-    history = engine.fit(distiller, train_set, test_set, optimizer, scheduler, config,
-                         resume=args.resume)
+    _, history = train_model(
+        method, student, teacher, train_set, test_set, config, lr, wd,
+        lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, list(milestones), gamma=0.1),
+        resume=args.resume)
     last = history.rows[-1]
     print(f"{method} {student_name}: epoch {last['epoch']}, test top-1 {last['test_acc']:.2f}% "
           f"(best {history.best_accuracy:.2f}%); checkpoints in {args.out}")
@@ -112,14 +111,16 @@ def run_training(args, method: str, student_name: str, teacher=None) -> int:
 
 
 def train_teacher(args) -> int:
-    return run_training(args, "vanilla", args.model)
+    data = load_data(args.dataset, args.data, args.download)
+    return run_training(args, "vanilla", args.model, data)
 
 
 def distill(args) -> int:
-    _, _, classes, channels = load_data(args.dataset, args.data, args.download)
+    data = load_data(args.dataset, args.data, args.download)
+    classes, channels = data[2], data[3]
     teacher = build_model(args.teacher, classes, channels)
     load_weights(teacher, args.teacher_ckpt, args.teacher)
-    return run_training(args, args.method, args.student, teacher)
+    return run_training(args, args.method, args.student, data, teacher)
 
 
 def evaluate_command(args) -> int:
@@ -142,9 +143,13 @@ def demo(args) -> int:
           f"{len(test_set)} test images, {args.image_size}x{args.image_size}; "
           f"teacher {args.teacher}, student {args.student}")
     engine.seed_everything(0)
+    def cosine(epochs):
+        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+
     teacher = build_model(args.teacher, NUM_CLASSES, IN_CHANNELS)
-    _, t_hist = train_model("vanilla", teacher, None, train_set, test_set, args.teacher_epochs,
-                            args.batch_size, args.lr, seed=0)
+    teacher_config = engine.TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size)
+    _, t_hist = train_model("vanilla", teacher, None, train_set, test_set, teacher_config,
+                            args.lr, 5e-4, cosine(args.teacher_epochs))
     print(f"teacher {args.teacher}: {t_hist.rows[-1]['test_acc']:.2f}% "
           f"({time.time() - start:.0f} s)", flush=True)
     results = {}
@@ -153,9 +158,11 @@ def demo(args) -> int:
         for seed in range(args.seeds):
             engine.seed_everything(seed + 1)
             student = build_model(args.student, NUM_CLASSES, IN_CHANNELS)
+            config = engine.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                        seed=seed + 1)
             _, hist = train_model(method, student, teacher if method != "vanilla" else None,
-                                  student_set, test_set, args.epochs, args.batch_size, args.lr,
-                                  seed=seed + 1)
+                                  student_set, test_set, config, args.lr, 5e-4,
+                                  cosine(args.epochs))
             accs.append(hist.rows[-1]["test_acc"])
         results[method] = accs
         mean = statistics.mean(accs)
