@@ -1,8 +1,6 @@
 """Shared test helpers: inputs, the float64 oracle, and norm-wise relative comparison."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 import icd_fast
@@ -42,10 +40,6 @@ def assert_rel_close(actual, expected, rtol, what="", floor=1e-8):
     scale = max(expected.abs().max().item(), floor)
     err = (actual - expected).abs().max().item()
     assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol:.1e} * {scale:.3e}"
-
-
-def theta_for_scale(scale):
-    return math.log(scale)
 
 
 def assert_grads_match(grads, want_grads, n, d, rtol, what=""):
