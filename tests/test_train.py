@@ -122,6 +122,7 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
         torch.use_deterministic_algorithms(False)
     assert [r["epoch"] for r in resumed.rows] == [0, 1, 2, 3]
     for a, b in zip(full.rows, resumed.rows):
+        a.pop("seconds"), b.pop("seconds")  # wall time, the one thing allowed to differ
         assert a == b
     assert (tmp_path / "split" / "best.pt").exists()
     assert not list((tmp_path / "split").glob("*.tmp"))
@@ -202,3 +203,46 @@ def test_crd_memory_banks_follow_the_embeddings(trained_teacher):
     assert torch.allclose(norms, torch.ones_like(norms), atol=1e-5)
     with pytest.raises(ValueError, match="num_samples"):
         build_distiller("crd", build_model("resnet8", 10), build_model("resnet8", 10))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_distillation_lowers_the_loss_and_resumes(precision, trained_teacher,
+                                                                  tmp_path):
+    train, test = tiny_problem()
+    distiller = make_distiller("icd_kd", teacher=copy.deepcopy(trained_teacher))
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+
+    def fit(epochs, resume=False):
+        config = engine.TrainConfig(epochs=epochs, batch_size=32, seed=1, out_dir=tmp_path,
+                                    precision=precision)
+        return engine.fit(distiller, train, test, opt, None, config, resume=resume)
+
+    rows = fit(6).rows
+    assert rows[-1]["loss"] < 0.85 * rows[0]["loss"], rows
+    # The weights stay float32 (autocast only lowers the products' precision).
+    assert all(p.dtype == torch.float32 for p in distiller.parameters())
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert (state["scaler"] is not None) == (precision == "fp16")  # fp16 scales its gradients
+    assert len(fit(7, resume=True).rows) == 7
+
+
+def test_unknown_precision_is_named():
+    with pytest.raises(ValueError, match="precision must be one of.*'fp8'"):
+        engine.TrainConfig(epochs=1, batch_size=8, precision="fp8")
+
+
+def test_tensorboard_gets_a_scalar_per_epoch(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, test = tiny_problem()
+    distiller = make_distiller("icd")
+    opt = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.05)
+    config = engine.TrainConfig(epochs=2, batch_size=32, out_dir=tmp_path, tensorboard=True,
+                                progress=True)
+    history = engine.fit(distiller, train, test, opt, None, config)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert {"loss", "icd", "ce", "test_acc", "lr"} <= set(events.Tags()["scalars"])
+    accuracy = [e.value for e in events.Scalars("test_acc")]
+    assert accuracy == pytest.approx([r["test_acc"] for r in history.rows])

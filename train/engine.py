@@ -1,10 +1,16 @@
-"""Training loop: epochs of distillation steps, evaluation, atomic checkpoints, resume.
+"""Training loop: epochs of distillation steps, evaluation, atomic checkpoints, resume,
+mixed precision, DDP, progress bars, TensorBoard and a CSV row per epoch.
 
 Every finished epoch is checkpointed (`last.pt`, and `best.pt` when test accuracy improves)
 by writing a temporary file and renaming it, so an interruption never leaves a half-written
 checkpoint and never loses a finished epoch. A resumed run restores model, optimiser,
-scheduler, epoch and RNG states, and shuffles each epoch with a generator seeded by
-(seed, epoch), so it follows the same trajectory as an uninterrupted run.
+scheduler, gradient scaler, epoch and every rank's RNG states, and each epoch's batches come
+from a permutation seeded by (seed, epoch), so it follows the same trajectory as an
+uninterrupted run.
+
+Under torchrun the batch size is the global one: each of the W ranks takes a contiguous
+W-th of every global batch (`GlobalBatchSampler`), so a step sees the same samples whatever
+the number of processes, and rank 0 alone writes checkpoints, the CSV and TensorBoard.
 """
 from __future__ import annotations
 
@@ -13,12 +19,17 @@ import math
 import os
 import random
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from . import distributed
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class IndexedDataset(Dataset):
@@ -65,16 +76,58 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     except ImportError:
         pass
     if deterministic:
+        # cuBLAS needs a fixed workspace for reproducible products.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+class GlobalBatchSampler(Sampler[List[int]]):
+    """One epoch's batches: a permutation seeded by (seed, epoch) cut into global batches of
+    `batch_size` (a last partial batch is dropped); rank r of W takes rows
+    [r B/W, (r+1) B/W) of each, so the ranks' local batches, in rank order, are exactly the
+    one-process batch."""
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size < 1 or batch_size % world_size:
+            raise ValueError(f"batch size {batch_size} must be a positive multiple of the "
+                             f"number of processes ({world_size}); it is the global batch")
+        if num_samples < batch_size:
+            raise ValueError(f"batch size {batch_size} is larger than the training set "
+                             f"({num_samples} samples): no full batch to train on")
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+
+    def __len__(self) -> int:
+        return self.num_samples // self.batch_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        local = self.batch_size // self.world_size
+        for b in range(len(self)):
+            start = b * self.batch_size + self.rank * local
+            yield order[start:start + local]
 
 
 @dataclass
 class TrainConfig:
     epochs: int
-    batch_size: int
+    batch_size: int  # global: split over the ranks under torchrun
     seed: int = 0
     out_dir: Optional[Path] = None
     num_workers: int = 0
+    precision: str = "fp32"  # or "bf16" / "fp16" (autocast; fp16 with a gradient scaler)
+    progress: bool = False  # a progress bar per epoch (rank 0)
+    tensorboard: bool = False  # scalars per epoch under out_dir/tensorboard (rank 0)
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, "
+                             f"got {self.precision!r}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
 @dataclass
@@ -86,29 +139,87 @@ class History:
         return max((r["test_acc"] for r in self.rows), default=0.0)
 
 
-def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy in percent."""
+def _autocast(device: torch.device, precision: str):
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
+             precision: str = "fp32") -> float:
+    """Top-1 accuracy in percent; under DDP each rank scores a share of the set."""
     was_training = model.training
     model.eval()
-    correct = total = 0
     device = next(model.parameters()).device
-    with torch.no_grad():
+    if distributed.is_distributed():
+        dataset = Subset(dataset, range(distributed.rank(), len(dataset),
+                                        distributed.world_size()))
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad(), _autocast(device, precision):
         for images, labels in DataLoader(dataset, batch_size=batch_size):
             pred = model(images.to(device)).argmax(1)
-            correct += (pred == labels.to(device)).sum().item()
-            total += labels.numel()
+            counts[0] += (pred == labels.to(device)).sum()
+            counts[1] += labels.numel()
     model.train(was_training)
+    correct, total = distributed.all_reduce_sum(counts).tolist()
     return 100.0 * correct / max(total, 1)
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as error:
+        raise ValueError("progress bars need tqdm: pip install tqdm (or pass --no-progress)"
+                         ) from error
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _tensorboard(out_dir: Optional[Path], purge_step: int):
+    if out_dir is None:
+        raise ValueError("TensorBoard logging needs an output folder")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ValueError("TensorBoard logging needs the tensorboard package: "
+                         "pip install tensorboard") from error
+    return SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
 
 
 def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
         config: TrainConfig, resume: bool = False) -> History:
-    """Trains distiller.student (and the method's own modules) for config.epochs epochs."""
+    """Trains distiller.student (and the method's own modules) for config.epochs epochs.
+
+    Under torchrun (a process group of W > 1 ranks) the distiller is wrapped in DDP and every
+    rank must call fit with the same arguments; it returns the same History on every rank.
+    """
     device = next(distiller.student.parameters()).device
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
+    model = distiller
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
     history, start_epoch = History(), 0
     last = None
     if config.out_dir is not None:
-        config.out_dir.mkdir(parents=True, exist_ok=True)
+        if main:
+            config.out_dir.mkdir(parents=True, exist_ok=True)
         last = config.out_dir / "last.pt"
     if resume and last is not None and last.exists():
         state = torch.load(last, map_location=device, weights_only=False)
@@ -116,52 +227,84 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
             scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(rng) == world:  # with another process count the RNG streams start afresh
+            _set_rng_state(rng[rank], device)
         history.rows = state["history"]
         start_epoch = state["epoch"] + 1
+    board = (_tensorboard(config.out_dir, start_epoch)
+             if config.tensorboard and main and start_epoch < config.epochs else None)
 
     for epoch in range(start_epoch, config.epochs):
+        started = time.time()
         distiller.train()
-        order = torch.Generator().manual_seed(config.seed * 100003 + epoch)
-        loader = DataLoader(IndexedDataset(train_set), batch_size=config.batch_size,
-                            shuffle=True, generator=order, num_workers=config.num_workers,
-                            drop_last=True)
-        sums: Dict[str, float] = {}
+        batches = GlobalBatchSampler(len(train_set), config.batch_size, config.seed, epoch,
+                                     rank, world)
+        loader = DataLoader(IndexedDataset(train_set), batch_sampler=batches,
+                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
+        sums: Optional[torch.Tensor] = None
+        names: List[str] = []
         steps = 0
-        for images, labels, indices in loader:
-            images, labels = images.to(device), labels.to(device)
-            _, losses = distiller(images, labels, indices.to(device))
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"epoch {epoch}: loss is {loss.item()} ({ {k: v.item() for k, v in losses.items()} }); "
-                    f"the last good checkpoint is {last}")
+        bar = _progress(loader, config.progress and main, f"epoch {epoch + 1}/{config.epochs}")
+        for images, labels, indices in bar:
+            images = images.to(device, non_blocking=True)
+            labels, indices = labels.to(device), indices.to(device)
+            with _autocast(device, config.precision):
+                _, losses = model(images, labels, indices)
+                loss = sum(losses.values())
+            # One all-reduce gives every rank the global mean of each term, so all ranks
+            # agree on stopping at a non-finite loss (one rank stopping alone would hang).
+            names = ["loss", *losses]
+            values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
+            values = distributed.all_reduce_sum(values.double()) / world
+            if not bool(torch.isfinite(values).all()):
+                terms = dict(zip(names, values.tolist()))
+                raise NonFiniteLoss(f"epoch {epoch}: loss is not finite ({terms}); "
+                                    f"the last good checkpoint is {last}")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v.item()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            sums = values if sums is None else sums + values
             steps += 1
+            if bar is not loader and steps % 10 == 0:
+                bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
         if scheduler is not None:
             scheduler.step()
-        row = {"epoch": epoch, **{k: v / max(steps, 1) for k, v in sums.items()},
-               "test_acc": evaluate(distiller.student, test_set),
-               "lr": optimizer.param_groups[0]["lr"]}
+        means = (sums / steps).tolist() if steps else []
+        row = {"epoch": epoch, **dict(zip(names, means)),
+               "test_acc": evaluate(distiller.student, test_set, precision=config.precision),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
         history.rows.append(row)
         if config.out_dir is not None:
-            _write_csv(config.out_dir / "log.csv", history.rows)
-            state = {"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                     "epoch": epoch, "history": history.rows,
-                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-                     "method": getattr(distiller, "method", None)}
-            atomic_save(state, last)
-            if row["test_acc"] >= history.best_accuracy:
-                atomic_save({"student": distiller.student.state_dict(), "epoch": epoch,
-                             "test_acc": row["test_acc"]}, config.out_dir / "best.pt")
+            rng = distributed.all_gather_objects(_rng_state(device))
+            if main:
+                _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng,
+                            config.out_dir)
+            distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
+        if board is not None:
+            for key, value in row.items():
+                if key != "epoch":
+                    board.add_scalar(key, value, epoch)
+            board.flush()
+    if board is not None:
+        board.close()
     return history
+
+
+def _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng, out_dir: Path):
+    _write_csv(out_dir / "log.csv", history.rows)
+    state = {"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict() if scheduler is not None else None,
+             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+             "epoch": epoch, "history": history.rows, "rng": rng,
+             "method": getattr(distiller, "method", None)}
+    atomic_save(state, out_dir / "last.pt")
+    if history.rows[-1]["test_acc"] >= history.best_accuracy:
+        atomic_save({"student": distiller.student.state_dict(), "epoch": epoch,
+                     "test_acc": history.rows[-1]["test_acc"]}, out_dir / "best.pt")
 
 
 def _write_csv(path: Path, rows: List[Dict[str, float]]) -> None:

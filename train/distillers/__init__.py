@@ -17,6 +17,7 @@ from torch import nn
 
 import icd_fast
 
+from .. import distributed
 from ..models import FeatureTap
 
 DISTILLERS: Dict[str, Callable[..., "Distiller"]] = {}
@@ -110,7 +111,8 @@ class KD(Distiller):
 @register("icd")
 class ICD(Distiller):
     """gamma CE + lambda KD_T + beta ICD (paper eq. 13): "icd" has lambda = 0, "icd_kd" 1.
-    The ICD criterion's heads, theta and b are trained with the student."""
+    The ICD criterion's heads, theta and b are trained with the student. Under DDP the loss
+    contrasts the global batch (all ranks' features), as one process would."""
 
     default_lambda = 0.0
 
@@ -125,8 +127,10 @@ class ICD(Distiller):
     def forward(self, images, labels, indices=None):
         t_logits, t_features = self.teacher_outputs(images)
         logits = self.student(images)
+        f_s = distributed.gather_with_grad(self.student_tap.features)
+        f_t = distributed.gather(t_features)
         losses = {"ce": self.gamma * F.cross_entropy(logits, labels),
-                  "icd": self.beta * self.criterion(self.student_tap.features, t_features)}
+                  "icd": self.beta * self.criterion(f_s, f_t)}
         if self.lam:
             losses["kd"] = self.lam * kd_loss(logits, t_logits, self.temperature)
         return logits, losses
@@ -194,10 +198,12 @@ class CRD(Distiller):
         sample_idx = torch.cat([indices.unsqueeze(1), negatives], dim=1)
         crd = (self._nce_loss(self._scores(self.memory_s, v_t, sample_idx, 0)) +
                self._nce_loss(self._scores(self.memory_t, v_s, sample_idx, 1)))
-        with torch.no_grad():  # the banks follow the embeddings
+        with torch.no_grad():  # the banks follow the embeddings (every rank's samples)
+            rows = distributed.gather(indices)
             for memory, v in ((self.memory_s, v_s), (self.memory_t, v_t)):
-                memory[indices] = F.normalize(
-                    memory[indices] * self.momentum + v.detach() * (1 - self.momentum), dim=1)
+                memory[rows] = F.normalize(
+                    memory[rows] * self.momentum + distributed.gather(v.detach())
+                    * (1 - self.momentum), dim=1)
         losses = {"ce": self.gamma * F.cross_entropy(logits, labels), "crd": self.beta * crd}
         if self.lam:
             losses["kd"] = self.lam * kd_loss(logits, t_logits, self.temperature)

@@ -12,9 +12,10 @@ from typing import Callable, Dict
 import torch
 from torch import nn
 
-from . import cifar_resnet, wrn_vgg
+from . import cifar_mobile, cifar_resnet, wrn_vgg
 
-CIFAR_MODELS: Dict[str, Callable[..., nn.Module]] = {**cifar_resnet.MODELS, **wrn_vgg.MODELS}
+CIFAR_MODELS: Dict[str, Callable[..., nn.Module]] = {**cifar_resnet.MODELS, **wrn_vgg.MODELS,
+                                                     **cifar_mobile.MODELS}
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 
 

@@ -1,0 +1,84 @@
+"""Linear-probe transfer, and the configs of the paper's tables run by one command."""
+import pytest
+import torch
+
+from data_files import write_cifar100, write_image_folder, write_stl10
+from train.cli import main
+from train.configs import CONFIGS, METHODS, TABLES, get_config
+from train.data.digits import IN_CHANNELS, NUM_CLASSES, digits_datasets, stratified_subset
+from train.distillers import DISTILLERS
+from train.models import build_model, model_names
+from train.probe import ProbeRecipe, classes_in_state_dict, linear_probe
+
+
+def test_probe_trains_a_classifier_on_frozen_features():
+    train, test = digits_datasets(image_size=12)
+    test = stratified_subset(test, 0.5, 0)
+    torch.manual_seed(0)
+    model = build_model("resnet8", 5, IN_CHANNELS)  # its own classifier has 5 classes
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    accuracy, head = linear_probe(model, train, test, NUM_CLASSES,
+                                  ProbeRecipe(epochs=15, lr=0.5, lr_decay_epochs=(10,)))
+    assert head.out_features == NUM_CLASSES and head.in_features == 64
+    # Random convolutional features of digits are linearly separable well above chance (10%).
+    assert accuracy > 50
+    for k, v in model.state_dict().items():  # weights and batch-norm statistics untouched
+        assert torch.equal(v, before[k]), k
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_2", "vgg8", "ShuffleV2", "MobileNetV2",
+                                  "tv_mobilenet_v2"])
+def test_classifier_size_is_read_whatever_the_classifier_is_called(name):
+    state = build_model(name, 37).state_dict()
+    assert classes_in_state_dict(build_model(name, 2), state) == 37
+    with pytest.raises(ValueError, match="does not hold"):
+        classes_in_state_dict(build_model(name, 2), {"other.weight": torch.zeros(1)})
+
+
+def test_linear_probe_command_on_stl10_files(tmp_path, no_md5, capsys):
+    write_stl10(tmp_path, n_train=30, n_test=10)
+    torch.save({"student": build_model("resnet8", 100).state_dict()}, tmp_path / "s.pt")
+    assert main(["linear-probe", "--dataset", "stl10", "--data", str(tmp_path), "--model",
+                 "resnet8", "--ckpt", str(tmp_path / "s.pt"), "--probe-epochs", "2"]) == 0
+    assert "linear probe of resnet8" in capsys.readouterr().out
+    assert main(["linear-probe", "--dataset", "stl10", "--data", str(tmp_path), "--model",
+                 "resnet20", "--ckpt", str(tmp_path / "s.pt")]) == 2
+    assert "does not hold a resnet20" in capsys.readouterr().err
+
+
+def test_every_table_row_has_a_config_per_method():
+    rows = {table: len(pairs) for table, (_, pairs) in TABLES.items()}
+    assert rows == {"cifar100-same-family": 7, "cifar100-other-family": 6, "imagenet": 2,
+                    "transfer": 1}
+    assert len(CONFIGS) == sum(rows.values()) * len(METHODS)
+    assert set(METHODS) <= set(DISTILLERS)
+    for config in CONFIGS.values():
+        assert {config.teacher, config.student} <= set(model_names()), config
+    assert get_config("cifar100/resnet32x4-ShuffleV2/icd_kd").student == "ShuffleV2"
+    with pytest.raises(ValueError, match="unknown config 'cifar100/resnet56-resnet21/icd'"):
+        get_config("cifar100/resnet56-resnet21/icd")
+
+
+def test_a_transfer_config_runs_end_to_end_from_one_command(tmp_path, no_md5, capsys):
+    data = tmp_path / "data"
+    write_cifar100(data, n_train=64, n_test=16)
+    write_stl10(data, n_train=20, n_test=10)
+    write_image_folder(data / "tiny-imagenet-200", classes=("n01", "n02", "n03"), per_class=4,
+                       size=64)
+    command = ["run", "transfer/wrn_40_2-wrn_16_2/icd_kd", "--data", str(data),
+               "--stl10-data", str(data), "--tiny-imagenet-data", str(data / "tiny-imagenet-200"),
+               "--runs", str(tmp_path / "runs"), "--epochs", "1", "--batch-size", "32",
+               "--probe-epochs", "2", "--device", "cpu"]
+    assert main(command) == 0
+    out = capsys.readouterr().out
+    teacher_run = tmp_path / "runs" / "cifar100" / "teacher-wrn_40_2"
+    assert (teacher_run / "best.pt").exists()  # trained first, as no checkpoint existed
+    assert (tmp_path / "runs" / "transfer__wrn_40_2-wrn_16_2__icd_kd" / "best.pt").exists()
+    assert "icd_kd wrn_16_2: epoch 0" in out
+    assert "on stl10" in out and "on tiny-imagenet" in out
+    # Run again: both stages resume from their finished checkpoints and train nothing more.
+    stamp = (teacher_run / "last.pt").stat().st_mtime_ns
+    assert main(command) == 0
+    assert (teacher_run / "last.pt").stat().st_mtime_ns == stamp
+    assert main(["run", "cifar100/resnet56-resnet21/icd"]) == 2

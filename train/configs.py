@@ -1,0 +1,64 @@
+"""One config per row of the paper's tables: a teacher/student pair and a method, run by
+`python -m train run <name>` (train/cli.py), e.g. `cifar100/resnet56-resnet20/icd_kd`.
+
+The tables are those of the CRD benchmark the paper reports on: CIFAR-100 students of the
+teacher's family and of another family, ImageNet, and the transfer of CIFAR-100 students'
+features to STL-10 and Tiny-ImageNet by a linear probe. Each method column is a config:
+the student alone (vanilla), KD, CRD, ICD and ICD+KD.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+METHODS = ("vanilla", "kd", "crd", "icd", "icd_kd")
+
+TABLES: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {
+    # table: (training data set, (teacher, student) rows)
+    "cifar100-same-family": ("cifar100", (
+        ("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"),
+        ("resnet110", "resnet20"), ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"),
+        ("vgg13", "vgg8"))),
+    "cifar100-other-family": ("cifar100", (
+        ("vgg13", "MobileNetV2"), ("ResNet50", "MobileNetV2"), ("ResNet50", "vgg8"),
+        ("resnet32x4", "ShuffleV1"), ("resnet32x4", "ShuffleV2"), ("wrn_40_2", "ShuffleV1"))),
+    "imagenet": ("imagenet", (("tv_resnet34", "tv_resnet18"),
+                              ("tv_resnet50", "tv_mobilenet_v2"))),
+    # Students distilled on CIFAR-100, then probed on both transfer sets.
+    "transfer": ("cifar100", (("wrn_40_2", "wrn_16_2"),)),
+}
+TRANSFER_SETS = ("stl10", "tiny-imagenet")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    table: str
+    dataset: str
+    teacher: str
+    student: str
+    method: str
+
+    @property
+    def name(self) -> str:
+        prefix = "transfer" if self.table == "transfer" else self.dataset
+        return f"{prefix}/{self.teacher}-{self.student}/{self.method}"
+
+    @property
+    def transfer_sets(self) -> Tuple[str, ...]:
+        return TRANSFER_SETS if self.table == "transfer" else ()
+
+
+CONFIGS: Dict[str, RunConfig] = {
+    c.name: c for table, (dataset, pairs) in TABLES.items()
+    for teacher, student in pairs for method in METHODS
+    for c in [RunConfig(table, dataset, teacher, student, method)]
+}
+
+
+def get_config(name: str) -> RunConfig:
+    if name not in CONFIGS:
+        close = [n for n in CONFIGS if name.split("/")[0] in n][:5]
+        hint = f" (e.g. {', '.join(close)})" if close else ""
+        raise ValueError(f"unknown config {name!r}{hint}; `python -m train configs` lists "
+                         f"all {len(CONFIGS)}")
+    return CONFIGS[name]

@@ -1,0 +1,110 @@
+"""Multi-process training under torchrun (DDP): process group set-up from the environment,
+the rank helpers the loop needs, and gathering a batch-contrastive loss's features.
+
+ICD and CRD contrast every sample of a batch with every other one, so under DDP the
+features of all ranks are gathered before the loss: the loss then sees the global batch,
+exactly as one process with that batch would. `gather_with_grad` routes each rank's share
+of the gradient back to it.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env(device: str = "auto") -> torch.device:
+    """Joins the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on
+    CPUs. Returns the device this process trains on."""
+    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but torch sees no CUDA device")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=30))
+    if not use_cuda:
+        return torch.device("cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    torch.cuda.set_device(local)
+    return torch.device("cuda", local)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if is_distributed():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def all_gather_objects(obj) -> List:
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All ranks' rows in rank order; backward sums every rank's gradient for this rank's
+    rows (an all-reduce, which gloo supports, where a reduce-scatter would not be)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.rows = x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = rank() * ctx.rows
+        return grad[start:start + ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation of x over ranks (all equal in size), differentiable.
+
+    Every rank computes the same global loss from the gathered rows, so rank r's rows receive
+    world_size times their gradient; DDP's averaging over ranks divides it back out.
+    """
+    return _GatherWithGrad.apply(x) if is_distributed() else x
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenation of x over ranks, without gradient."""
+    if not is_distributed():
+        return x
+    parts = [torch.empty_like(x) for _ in range(world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
