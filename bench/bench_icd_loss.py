@@ -1,10 +1,16 @@
-"""Speed and memory of the ICD loss: fused kernel vs eager reference vs torch.compile.
+"""Speed and memory of the ICD loss: fused kernel vs eager reference vs torch.compile
+(default and max-autotune) vs a product roofline.
 
 All implementations run in one process on the same inputs, warm-up first, median of
 repeats; the table prints ratios against eager. Forward is timed with autograd recording (as
-in training), backward separately after it, and "both" is their sum in one repeat. Peak
-memory is the rise of the process's peak RSS (CPU; the high-water mark is reset before each
-measurement) or of torch.cuda.max_memory_allocated (GPU).
+in training), backward separately after it, and "both" is their sum in one repeat; on a GPU
+with CUDA events. Peak memory is the rise of the process's peak RSS (CPU; the high-water mark
+is reset before each measurement) or of torch.cuda.max_memory_allocated (GPU).
+
+"roofline" is what the fused kernel cannot beat by much: the time torch.mm takes for the
+same number of N x N x D products (1 in the forward: the logits; 3 in the backward: the
+logits again and the two gradient products), computed in row blocks so that no N x N
+buffer is needed.
 
     python bench/bench_icd_loss.py --quick          # a minute: N in {64, 256, 1024}, D = 128
     python bench/bench_icd_loss.py                  # the full grid, writes bench/results/
@@ -26,7 +32,10 @@ import torch
 import icd_fast
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-IMPLEMENTATIONS = ("eager", "fused", "compile")  # eager first: the others are compared to it
+# eager first: the others are compared to it
+IMPLEMENTATIONS = ("eager", "fused", "compile", "autotune", "roofline")
+REFERENCE_BASED = ("eager", "compile", "autotune")  # O(N^2) memory
+PRODUCTS = {"forward": 1, "backward": 3}  # N x N x D products of the fused algorithm
 
 
 def machine_info(device: torch.device) -> dict:
@@ -95,8 +104,11 @@ def loss_function(impl: str):
         return lambda z_s, z_t, th: icd_fast.icd_loss(z_s, z_t, th, backend="auto")
     if impl == "eager":
         return icd_fast.icd_loss_reference
-    if impl == "compile":
-        return torch.compile(icd_fast.icd_loss_reference, dynamic=True)
+    if impl in ("compile", "autotune"):
+        # A fresh compilation per shape (dynamo would stop recompiling after 8 shapes).
+        torch._dynamo.reset()
+        mode = "max-autotune" if impl == "autotune" else "default"
+        return torch.compile(icd_fast.icd_loss_reference, mode=mode, dynamic=False)
     raise ValueError(impl)
 
 
@@ -105,19 +117,97 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Stopwatch:
+    """Marks on the host clock (CPU) or CUDA events on the current stream (GPU)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.marks = []
+
+    def mark(self):
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self):
+        """Seconds between consecutive marks."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
 def time_once(fn, z_s, z_t, th, device):
     """(forward, backward) seconds of one training-style call."""
     for x in (z_s, z_t, th):
         x.grad = None
     sync(device)
-    t0 = time.perf_counter()
+    watch = Stopwatch(device)
+    watch.mark()
     loss = fn(z_s, z_t, th)
-    sync(device)
-    t1 = time.perf_counter()
+    watch.mark()
     loss.backward()
-    sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1
+    watch.mark()
+    return tuple(watch.intervals())
+
+
+def roofline_products(n: int, d: int, dtype, device):
+    """(forward, backward) callables doing the fused algorithm's N x N x D products with
+    torch.mm (PRODUCTS), in row blocks of at most 2^28 output elements."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(n, d, generator=gen).to(device, dtype)
+    b = torch.randn(n, d, generator=gen).to(device, dtype)
+    rows = max(1, min(n, 2**28 // n))
+    blocks = [(start, min(n, start + rows)) for start in range(0, n, rows)]
+    tile = torch.empty(rows, n, device=device, dtype=dtype)
+    grad = torch.empty(n, d, device=device, dtype=dtype)
+
+    def logits(start, stop):
+        torch.mm(a[start:stop], b.t(), out=tile[:stop - start])
+
+    def gradient(start, stop):
+        torch.mm(tile[:stop - start], b, out=grad[start:stop])
+
+    def forward():
+        for start, stop in blocks:
+            logits(start, stop)
+
+    def backward():
+        for start, stop in blocks:
+            logits(start, stop)
+            gradient(start, stop)
+            gradient(start, stop)
+
+    return forward, backward
+
+
+def measure_roofline(n, d, dtype, device, repeats, warmup):
+    forward, backward = roofline_products(n, d, dtype, device)
+    for _ in range(warmup):
+        forward(), backward()
+    runs = []
+    with PeakMemory(device) as mem:
+        for _ in range(repeats):
+            sync(device)
+            watch = Stopwatch(device)
+            watch.mark()
+            forward()
+            watch.mark()
+            backward()
+            watch.mark()
+            runs.append(watch.intervals())
+    return summarize(runs, mem, repeats)
+
+
+def summarize(runs, mem, repeats):
+    fwd = statistics.median(r[0] for r in runs)
+    bwd = statistics.median(r[1] for r in runs)
+    both = statistics.median(r[0] + r[1] for r in runs)
+    return {"forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "both_ms": both * 1e3,
+            "peak_mem_mb": mem.peak / 2**20, "repeats": repeats}
 
 
 def measure(fn, n, d, dtype, device, repeats, warmup):
@@ -129,11 +219,7 @@ def measure(fn, n, d, dtype, device, repeats, warmup):
         time_once(fn, z_s, z_t, th, device)
     with PeakMemory(device) as mem:
         runs = [time_once(fn, z_s, z_t, th, device) for _ in range(repeats)]
-    fwd = statistics.median(r[0] for r in runs)
-    bwd = statistics.median(r[1] for r in runs)
-    both = statistics.median(r[0] + r[1] for r in runs)
-    return {"forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "both_ms": both * 1e3,
-            "peak_mem_mb": mem.peak / 2**20, "repeats": repeats}
+    return summarize(runs, mem, repeats)
 
 
 def repeats_for(n: int, impl: str, base: int) -> int:
@@ -142,7 +228,7 @@ def repeats_for(n: int, impl: str, base: int) -> int:
         return base * 4
     if work <= 4096**2:
         return base
-    return 1 if impl != "fused" or n > 16384 else max(1, base // 2)
+    return 1 if impl not in ("fused", "roofline") or n > 16384 else max(1, base // 2)
 
 
 def eager_fits(n: int, dtype: torch.dtype, budget_bytes: float) -> bool:
@@ -164,14 +250,18 @@ def run(args) -> dict:
         for n in args.sizes:
             eager_both = None
             for impl in args.impls:
-                if impl != "fused" and (n > args.max_reference_n or
-                                        not eager_fits(n, dtype, args.reference_memory_gb * 2**30)):
+                if impl in REFERENCE_BASED and (
+                        n > args.max_reference_n or
+                        not eager_fits(n, dtype, args.reference_memory_gb * 2**30)):
                     rows.append({"impl": impl, "n": n, "d": d, "skipped": "O(N^2) memory/time"})
                     print(f"{d:>5} {n:>7} {impl:>8} {'skipped (O(N^2) memory)':>42}")
                     continue
-                fn = loss_function(impl)
-                r = measure(fn, n, d, dtype, device, repeats_for(n, impl, args.repeats),
-                            warmup=1 if n > 4096 else 3)
+                repeats = repeats_for(n, impl, args.repeats)
+                warmup = 1 if n > 4096 else 3
+                if impl == "roofline":
+                    r = measure_roofline(n, d, dtype, device, repeats, warmup)
+                else:
+                    r = measure(loss_function(impl), n, d, dtype, device, repeats, warmup)
                 r.update(impl=impl, n=n, d=d)
                 if impl == "eager":
                     eager_both = r["both_ms"]
@@ -210,23 +300,32 @@ def plot(report: dict, path: Path) -> None:
 
 
 def markdown_table(report: dict) -> str:
-    """The forward+backward times of a results file as a Markdown table."""
+    """The forward+backward times of a results file as a Markdown table (the columns of
+    the implementations it holds)."""
     rows = report["results"]
-    lines = ["| D | N | eager ms | torch.compile ms | fused ms | fused vs eager | fused vs compile "
-             "| peak MB eager / fused |", "|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["d"], r["n"]) for r in rows})
-    for d, n in keys:
+    present = [i for i in IMPLEMENTATIONS if any(r["impl"] == i for r in rows)]
+    titles = {"eager": "eager", "compile": "torch.compile", "autotune": "compile max-autotune",
+              "fused": "fused", "roofline": "mm roofline"}
+    compared = [i for i in ("eager", "compile", "autotune") if i in present]
+    head = ([f"{titles[i]} ms" for i in present] + [f"fused vs {titles[i]}" for i in compared]
+            + (["roofline / fused"] if "roofline" in present else [])
+            + ["peak MB eager / fused"])
+    lines = ["| D | N | " + " | ".join(head) + " |", "|---" * (2 + len(head)) + "|"]
+    for d, n in sorted({(r["d"], r["n"]) for r in rows}):
         by_impl = {r["impl"]: r for r in rows if r["d"] == d and r["n"] == n and "skipped" not in r}
+
         def ms(impl):
             return f"{by_impl[impl]['both_ms']:.3g}" if impl in by_impl else "O(N²) memory"
-        def ratio(impl):
-            if impl in by_impl and "fused" in by_impl:
-                return f"{by_impl[impl]['both_ms'] / by_impl['fused']['both_ms']:.2f}x"
+
+        def ratio(num, den):
+            if num in by_impl and den in by_impl:
+                return f"{by_impl[num]['both_ms'] / by_impl[den]['both_ms']:.2f}x"
             return "-"
-        mem = "/".join(f"{by_impl[i]['peak_mem_mb']:.0f}" if i in by_impl else "-"
-                       for i in ("eager", "fused"))
-        lines.append(f"| {d} | {n} | {ms('eager')} | {ms('compile')} | {ms('fused')} | "
-                     f"{ratio('eager')} | {ratio('compile')} | {mem} |")
+        cells = ([ms(i) for i in present] + [ratio(i, "fused") for i in compared]
+                 + ([ratio("roofline", "fused")] if "roofline" in present else []))
+        cells.append("/".join(f"{by_impl[i]['peak_mem_mb']:.0f}" if i in by_impl else "-"
+                              for i in ("eager", "fused")))
+        lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -238,7 +337,8 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256, 1024, 4096, 16384, 65536])
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
-    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+                        help="what to time (max-autotune compiles for minutes per shape)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--max-reference-n", type=int, default=16384,
                         help="largest N for the eager and compiled references")
