@@ -36,8 +36,6 @@ def _why_auto_skips(device_type: str, dtype: torch.dtype, kernel: Optional[str])
     """Why backend="auto" uses the reference for these tensors, or None if it need not."""
     if kernel is None:
         return _ops.EXTENSION_ERROR or f"it was built without a {device_type} kernel"
-    if kernel == "cuda" and dtype == torch.float64:
-        return "the CUDA kernel takes float32, float16 and bfloat16"
     if kernel == "cuda" and not _ops.CUDA_KERNEL_VERIFIED_ON_GPU:
         return ("the CUDA kernel has not yet been verified on a GPU; pass backend='cuda' to "
                 "use it anyway")
@@ -97,7 +95,7 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
         backend: ``"auto"`` (the fused kernel for the tensors' device when it was built,
             else the reference, with a one-time warning; for now it leaves the CUDA kernel,
             which has not yet been verified on a GPU, to explicit use), ``"cpu"``, ``"cuda"``
-            (float32/float16/bfloat16) or ``"reference"`` (plain PyTorch; supports double
+            (float32/float64/float16/bfloat16) or ``"reference"`` (plain PyTorch; supports double
             backward).
         return_parts: also return the contrastive (CE) and invariance (KL) terms.
 

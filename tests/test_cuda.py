@@ -58,6 +58,16 @@ def test_cuda_online_maximum_path():
         assert_rel_close(got.cpu(), ref, 1e-4, "grad")
 
 
+def test_cuda_float64_gradcheck():
+    z_s, z_t, th = (x.double().requires_grad_() for x in on_gpu(37, 9, torch.float32, 1.3))
+    assert torch.autograd.gradcheck(lambda a, b, c: fused(a, b, c), (z_s, z_t, th))
+    (loss, _, _), grads = loss_and_grads(fused, z_s.detach(), z_t.detach(), th.detach())
+    (want, _, _), w_grads = oracle(z_s.cpu(), z_t.cpu(), th.cpu())
+    assert loss.dtype == torch.float64
+    assert_rel_close(loss.cpu(), want, 1e-10, "loss")
+    assert_grads_match([g.cpu() for g in grads], w_grads, 37, 9, 1e-9, "float64")
+
+
 def test_cuda_repeats_bit_for_bit():
     z_s, z_t, th = on_gpu(3000, 128, torch.float32, 1.0)
     first = loss_and_grads(fused, z_s, z_t, th)

@@ -92,12 +92,27 @@ def test_emul_strided_inputs_and_upstream_parts(emulated):
         assert_rel_close(got, ref, 2e-5, "grad")
 
 
-def test_emul_rejects_float64_and_bad_shapes(emulated):
-    z = torch.randn(4, 3, dtype=torch.float64)
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+def test_emul_rejects_bad_dtypes_and_shapes(emulated):
+    z = torch.randn(4, 3).to(torch.int32)
+    with pytest.raises(TypeError, match="floating"):
         emulated.forward(z, z, torch.tensor(1.0), 0.5, 10.0)
     with pytest.raises(ValueError, match="same number of rows"):
         emulated.forward(torch.randn(4, 3), torch.randn(5, 3), torch.tensor(1.0), 0.5, 10.0)
+
+
+# float64: its own instantiation, with a 16-feature staging chunk (D = 16, 17, 33 straddle it).
+@pytest.mark.parametrize("n,d", [(1, 2), (33, 16), (64, 17), (100, 33)])
+@pytest.mark.parametrize("theta,max_scale", [(0.5, 10.0), (math.log(10.0), 10.0),
+                                             (math.log(60.0), 100.0)])
+def test_emul_float64_matches_oracle_to_1e10(emulated, n, d, theta, max_scale):
+    z_s, z_t, th = make_inputs(n, d, torch.float64, log_scale=theta, seed=3 * n + d)
+    (loss, ce, kl), grads = emulated_loss_and_grads(emulated, z_s.detach(), z_t.detach(),
+                                                    th.detach(), max_scale=max_scale)
+    (w_loss, w_ce, w_kl), w_grads = oracle(z_s, z_t, th, max_scale=max_scale)
+    assert loss.dtype == grads[0].dtype == grads[2].dtype == torch.float64
+    for got, want in [(loss, w_loss), (ce, w_ce), (kl, w_kl)]:
+        assert_rel_close(got, want, 1e-10, f"loss N={n} D={d}", floor=1.0)
+    assert_grads_match(grads, w_grads, n, d, 1e-9, f"N={n} D={d} theta={theta}")
 
 
 def test_emul_repeats_bit_for_bit(emulated):

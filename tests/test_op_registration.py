@@ -88,7 +88,7 @@ def test_python_number_log_scale_is_a_fixed_scale():
 def test_auto_leaves_the_unverified_cuda_kernel_to_explicit_use(monkeypatch):
     monkeypatch.setattr(_ops, "CUDA_KERNEL_VERIFIED_ON_GPU", False)
     assert "not yet been verified" in functional._why_auto_skips("cuda", torch.float32, "cuda")
-    assert "float32, float16" in functional._why_auto_skips("cuda", torch.float64, "cuda")
     monkeypatch.setattr(_ops, "CUDA_KERNEL_VERIFIED_ON_GPU", True)
     assert functional._why_auto_skips("cuda", torch.bfloat16, "cuda") is None
+    assert functional._why_auto_skips("cuda", torch.float64, "cuda") is None
     assert functional._why_auto_skips("cpu", torch.float64, "cpu") is None

@@ -390,12 +390,16 @@ def main(argv=None) -> int:
     r.set_defaults(run=run_config, resume=True)
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        status = args.run(args)
     except (FileNotFoundError, ValueError, engine.NonFiniteLoss) as error:
         print(f"error: {error}", file=sys.stderr)
+        distributed.shutdown(wait_for_all=False)
         return 2
-    finally:
-        distributed.shutdown()
+    except BaseException:
+        distributed.shutdown(wait_for_all=False)
+        raise
+    distributed.shutdown()
+    return status
 
 
 if __name__ == "__main__":

@@ -48,8 +48,13 @@ def init_from_env(device: str = "auto") -> torch.device:
     return torch.device("cuda", local)
 
 
-def shutdown() -> None:
+def shutdown(wait_for_all: bool = True) -> None:
+    """Leaves the process group. wait_for_all: first meet every rank at a barrier, so no rank
+    tears down its connections while another still uses them (gloo aborts the process
+    then); pass False on an error path, where the other ranks may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait_for_all and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -9,6 +9,7 @@
 #include <climits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../icd_checks.h"
 #include "icd_kernels.cuh"
@@ -16,33 +17,40 @@
 namespace icd_fast::cuda {
 
 // The input dtypes the kernels are instantiated for.
-#define ICD_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)        \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                          \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+#define ICD_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)             \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                               \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)   \
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// The statistics and arithmetic dtype for an input dtype (as at::ScalarType and C++ type).
+template <typename scalar_t>
+using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 inline int64_t blocks_for(int64_t rows, int64_t rows_per_block) {
   return (rows + rows_per_block - 1) / rows_per_block;
 }
 
 inline void check_cuda_kernel_limits(int64_t n, int64_t d, at::ScalarType dtype) {
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-                   "the CUDA kernel takes float32, float16 or bfloat16 features, got ", dtype,
-                   "; use backend='reference' for float64 on the GPU");
+  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
+                       dtype == at::kBFloat16,
+                   "the CUDA kernel takes float32, float64, float16 or bfloat16 features, got ",
+                   dtype);
   TORCH_CHECK_VALUE(2 * n <= INT_MAX && d <= INT_MAX,
                     "the CUDA kernel supports N up to 2^30 and D up to 2^31 - 1, got N = ", n,
                     ", D = ", d);
 }
 
-// An optional upstream gradient as a device fp32 scalar (or nullptr).
-inline const float* upstream_pointer(const std::optional<at::Tensor>& grad, at::Tensor& keep,
-                                     const char* name) {
+// An optional upstream gradient as a device scalar of the accumulate type (or nullptr).
+template <typename acc_t>
+const acc_t* upstream_pointer(const std::optional<at::Tensor>& grad, at::Tensor& keep,
+                              const char* name) {
   if (!grad.has_value() || !grad->defined()) return nullptr;
   TORCH_CHECK_VALUE(grad->numel() == 1 && grad->dim() <= 1, name,
                     " must hold exactly one value, got shape ", grad->sizes());
-  keep = grad->to(at::kFloat).contiguous();
-  return keep.data_ptr<float>();
+  keep = grad->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+  return keep.data_ptr<acc_t>();
 }
 
 template <typename Launch>
@@ -53,27 +61,30 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
   check_icd_inputs(z_s, z_t, log_scale, alpha, max_scale);
   const int64_t n = z_s.size(0), d = z_s.size(1);
   check_cuda_kernel_limits(n, d, z_s.scalar_type());
-  const auto f32 = z_s.options().dtype(at::kFloat);
-  at::Tensor unit = at::empty({2, n, d}, f32), norms = at::empty({2, n}, f32);
-  at::Tensor row_lse = at::empty({n}, f32), col_lse = at::empty({n}, f32),
-             row_kl = at::empty({n}, f32), row_ce = at::empty({n}, f32);
-  at::Tensor loss = at::empty({}, f32), ce = at::empty({}, f32), kl = at::empty({}, f32);
+  const auto acc = z_s.options().dtype(accumulate_type(z_s.scalar_type()));
+  at::Tensor unit = at::empty({2, n, d}, acc), norms = at::empty({2, n}, acc);
+  at::Tensor row_lse = at::empty({n}, acc), col_lse = at::empty({n}, acc),
+             row_kl = at::empty({n}, acc), row_ce = at::empty({n}, acc);
+  at::Tensor loss = at::empty({}, acc), ce = at::empty({}, acc), kl = at::empty({}, acc);
   at::Tensor blocks_done = at::zeros({1}, z_s.options().dtype(at::kInt));
-  const at::Tensor scale = log_scale.to(at::kFloat).contiguous();
+  const at::Tensor scale = log_scale.to(acc.dtype()).contiguous();
 
-  ICD_DISPATCH_KERNEL_TYPES(z_s.scalar_type(), "icd_normalize", [&] {
-    NormalizeParams np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
-                       z_t.stride(0), z_t.stride(1), static_cast<int>(n), static_cast<int>(d),
-                       unit.data_ptr<float>(), norms.data_ptr<float>()};
-    launch(normalize_kernel<scalar_t>, blocks_for(2 * n, Traits::kNormRowsPerBlock), np);
+  ICD_DISPATCH_KERNEL_TYPES(z_s.scalar_type(), "icd_forward_cuda", [&] {
+    using acc_t = acc_type_for<scalar_t>;
+    NormalizeParams<acc_t> np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
+                              z_t.stride(0), z_t.stride(1), static_cast<int>(n),
+                              static_cast<int>(d), unit.data_ptr<acc_t>(),
+                              norms.data_ptr<acc_t>()};
+    launch(normalize_kernel<scalar_t, acc_t>, blocks_for(2 * n, Traits::kNormRowsPerBlock), np);
+    ForwardParams<acc_t> fp{unit.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
+                            static_cast<acc_t>(alpha), static_cast<acc_t>(max_scale),
+                            static_cast<int>(n), static_cast<int>(d), row_lse.data_ptr<acc_t>(),
+                            col_lse.data_ptr<acc_t>(), row_kl.data_ptr<acc_t>(),
+                            row_ce.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
+                            ce.data_ptr<acc_t>(), kl.data_ptr<acc_t>(),
+                            reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
+    launch(forward_kernel<acc_t>, blocks_for(n, Traits::kTileRows), fp);
   });
-  ForwardParams fp{unit.data_ptr<float>(), scale.data_ptr<float>(), static_cast<float>(alpha),
-                   static_cast<float>(max_scale), static_cast<int>(n), static_cast<int>(d),
-                   row_lse.data_ptr<float>(), col_lse.data_ptr<float>(),
-                   row_kl.data_ptr<float>(), row_ce.data_ptr<float>(), loss.data_ptr<float>(),
-                   ce.data_ptr<float>(), kl.data_ptr<float>(),
-                   reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
-  launch(forward_kernel, blocks_for(n, Traits::kTileRows), fp);
   return {loss, ce, kl, row_lse, col_lse, row_kl, unit, norms};
 }
 
@@ -88,34 +99,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
                   grad_dtype);
   const int64_t n = unit.size(1), d = unit.size(2);
   check_cuda_kernel_limits(n, d, grad_dtype);
-  TORCH_CHECK_TYPE(unit.scalar_type() == at::kFloat, "unit must be float32, got ",
+  TORCH_CHECK_TYPE(unit.scalar_type() == accumulate_type(grad_dtype), "unit must be ",
+                   accumulate_type(grad_dtype), " for ", grad_dtype, " gradients, got ",
                    unit.scalar_type());
-  const auto f32 = unit.options();
+  const auto acc = unit.options();
   const at::Tensor units = unit.contiguous(), unit_norms = norms.contiguous();
   const at::Tensor r = row_lse.contiguous(), c = col_lse.contiguous(), k = row_kl.contiguous();
-  const at::Tensor scale = log_scale.to(at::kFloat).contiguous();
-  at::Tensor keep_loss, keep_ce, keep_kl;
-  const float* g_loss = upstream_pointer(grad_loss, keep_loss, "grad_loss");
-  const float* g_ce = upstream_pointer(grad_ce, keep_ce, "grad_ce");
-  const float* g_kl = upstream_pointer(grad_kl, keep_kl, "grad_kl");
-  at::Tensor ds = at::empty({n, d}, f32), dt = at::empty({n, d}, f32);
-  at::Tensor grad_z_s = at::empty({n, d}, f32.dtype(grad_dtype));
-  at::Tensor grad_z_t = at::empty({n, d}, f32.dtype(grad_dtype));
+  const at::Tensor scale = log_scale.to(acc.dtype()).contiguous();
+  at::Tensor ds = at::empty({n, d}, acc), dt = at::empty({n, d}, acc);
+  at::Tensor grad_z_s = at::empty({n, d}, acc.dtype(grad_dtype));
+  at::Tensor grad_z_t = at::empty({n, d}, acc.dtype(grad_dtype));
   const int64_t blocks = blocks_for(n, Traits::kTileRows);
-  at::Tensor block_dkappa = at::empty({blocks}, f32.dtype(at::kDouble));
-  at::Tensor grad_scale = at::empty({}, f32);
-  at::Tensor blocks_done = at::zeros({1}, f32.dtype(at::kInt));
+  at::Tensor block_dkappa = at::empty({blocks}, acc.dtype(at::kDouble));
+  at::Tensor grad_scale = at::empty({}, acc);
+  at::Tensor blocks_done = at::zeros({1}, acc.dtype(at::kInt));
+  at::Tensor keep_loss, keep_ce, keep_kl;
 
   ICD_DISPATCH_KERNEL_TYPES(grad_dtype, "icd_backward_cuda", [&] {
-    BackwardParams bp{units.data_ptr<float>(), unit_norms.data_ptr<float>(),
-                      scale.data_ptr<float>(), g_loss, g_ce, g_kl,
-                      static_cast<float>(alpha), static_cast<float>(max_scale),
-                      static_cast<int>(n), static_cast<int>(d), r.data_ptr<float>(),
-                      c.data_ptr<float>(), k.data_ptr<float>(), ds.data_ptr<float>(),
-                      dt.data_ptr<float>(), grad_z_s.data_ptr(), grad_z_t.data_ptr(),
-                      block_dkappa.data_ptr<double>(), grad_scale.data_ptr<float>(),
-                      reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
-    launch(backward_kernel<scalar_t>, blocks, bp);
+    using acc_t = acc_type_for<scalar_t>;
+    BackwardParams<acc_t> bp{units.data_ptr<acc_t>(), unit_norms.data_ptr<acc_t>(),
+                             scale.data_ptr<acc_t>(),
+                             upstream_pointer<acc_t>(grad_loss, keep_loss, "grad_loss"),
+                             upstream_pointer<acc_t>(grad_ce, keep_ce, "grad_ce"),
+                             upstream_pointer<acc_t>(grad_kl, keep_kl, "grad_kl"),
+                             static_cast<acc_t>(alpha), static_cast<acc_t>(max_scale),
+                             static_cast<int>(n), static_cast<int>(d), r.data_ptr<acc_t>(),
+                             c.data_ptr<acc_t>(), k.data_ptr<acc_t>(), ds.data_ptr<acc_t>(),
+                             dt.data_ptr<acc_t>(), grad_z_s.data_ptr(), grad_z_t.data_ptr(),
+                             block_dkappa.data_ptr<double>(), grad_scale.data_ptr<acc_t>(),
+                             reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
+    launch(backward_kernel<scalar_t, acc_t>, blocks, bp);
   });
   return {grad_z_s, grad_z_t, grad_scale.to(log_scale.scalar_type()).reshape(log_scale.sizes())};
 }

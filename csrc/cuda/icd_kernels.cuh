@@ -22,70 +22,81 @@ struct KernelTraits {
   static constexpr int kThreads = 128;                  // 4 warps
   static constexpr int kThreadsPerRow = 4;              // lanes 4r..4r+3 of one warp
   static constexpr int kColsPerThread = kTileRows / kThreadsPerRow;  // 8
-  static constexpr int kChunk = 32;                     // features staged per step
   static constexpr int kNormRowsPerBlock = kThreads / 32;  // one warp per row
+  // Features staged per step: 16 in double keeps the backward's static shared memory
+  // (six staged tiles) under 48 KB.
+  template <typename acc_t>
+  static constexpr int kChunk = sizeof(acc_t) == 8 ? 16 : 32;
 };
 using Traits = KernelTraits;
 
+// acc_t is the dtype of the statistics and of all arithmetic: double for float64 inputs,
+// float for float32, float16 and bfloat16 inputs.
+
+template <typename acc_t>
 struct NormalizeParams {
   const void* z_s;
   const void* z_t;
   int64_t s_stride0, s_stride1, t_stride0, t_stride1;
   int n, d;
-  float* unit;   // (2, n, d): [s; t]
-  float* norms;  // (2, n)
+  acc_t* unit;   // (2, n, d): [s; t]
+  acc_t* norms;  // (2, n)
 };
 
+template <typename acc_t>
 struct ForwardParams {
-  const float* unit;
-  const float* log_scale;  // one value
-  float alpha, max_scale;
+  const acc_t* unit;
+  const acc_t* log_scale;  // one value
+  acc_t alpha, max_scale;
   int n, d;
-  float* row_lse;
-  float* col_lse;
-  float* row_kl;
-  float* row_ce;  // r_i - L_ii, reduced by the last block
-  float* loss;
-  float* ce;
-  float* kl;
+  acc_t* row_lse;
+  acc_t* col_lse;
+  acc_t* row_kl;
+  acc_t* row_ce;  // r_i - L_ii, reduced by the last block
+  acc_t* loss;
+  acc_t* ce;
+  acc_t* kl;
   unsigned int* blocks_done;  // zero before the launch
 };
 
+template <typename acc_t>
 struct BackwardParams {
-  const float* unit;
-  const float* norms;
-  const float* log_scale;
-  const float* grad_loss;  // each may be null (= 0)
-  const float* grad_ce;
-  const float* grad_kl;
-  float alpha, max_scale;
+  const acc_t* unit;
+  const acc_t* norms;
+  const acc_t* log_scale;
+  const acc_t* grad_loss;  // each may be null (= 0)
+  const acc_t* grad_ce;
+  const acc_t* grad_kl;
+  acc_t alpha, max_scale;
   int n, d;
-  const float* row_lse;
-  const float* col_lse;
-  const float* row_kl;
-  float* ds;  // (n, d) scratch: d loss / d s, then d loss / d z_s (fp32)
-  float* dt;
+  const acc_t* row_lse;
+  const acc_t* col_lse;
+  const acc_t* row_kl;
+  acc_t* ds;  // (n, d) scratch: d loss / d s, then d loss / d z_s
+  acc_t* dt;
   void* grad_z_s;  // (n, d) contiguous, input dtype
   void* grad_z_t;
   double* block_dkappa;   // one partial per block
-  float* grad_log_scale;  // one value
+  acc_t* grad_log_scale;  // one value
   unsigned int* blocks_done;
 };
 
-__device__ __forceinline__ float shuffle_xor(float v, int lane_mask) {
+template <typename T>
+__device__ __forceinline__ T shuffle_xor(T v, int lane_mask) {
   return __shfl_xor_sync(0xffffffffu, v, lane_mask);
 }
 
 // Sums v over the kThreadsPerRow consecutive lanes of a row (all of them get the sum).
-__device__ __forceinline__ float row_group_sum(float v) {
+template <typename T>
+__device__ __forceinline__ T row_group_sum(T v) {
   for (int mask = 1; mask < Traits::kThreadsPerRow; mask <<= 1) v += shuffle_xor(v, mask);
   return v;
 }
 
 // ---------------------------------------------------------------------------------------
 // Launch 1 of the forward: unit rows and norms of z_s and z_t, one warp per row.
-template <typename scalar_t>
-__global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams p) {
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams<acc_t> p) {
   const int lane = threadIdx.x % 32;
   const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;  // 0 .. 2n-1
   const bool active = row < 2 * p.n;
@@ -98,46 +109,46 @@ __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizePa
   double sum_sq = 0;
   if (active)
     for (int k = lane; k < p.d; k += 32) {
-      const double v = static_cast<float>(z[i * stride0 + k * stride1]);
+      const double v = static_cast<acc_t>(z[i * stride0 + k * stride1]);
       sum_sq += v * v;
     }
   for (int mask = 16; mask > 0; mask >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, mask);
   const double norm = sqrt(sum_sq);
   const double inv = 1.0 / (norm > kNormEps ? norm : kNormEps);
   if (active) {
-    float* out = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
+    acc_t* out = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
     for (int k = lane; k < p.d; k += 32)
-      out[k] = static_cast<float>(static_cast<float>(z[i * stride0 + k * stride1]) * inv);
-    if (lane == 0) p.norms[side * p.n + i] = static_cast<float>(norm);
+      out[k] = static_cast<acc_t>(static_cast<acc_t>(z[i * stride0 + k * stride1]) * inv);
+    if (lane == 0) p.norms[side * p.n + i] = static_cast<acc_t>(norm);
   }
 }
 
 // The two cosine tiles of rows I = [i0, i0 + 32) and columns J = [j0, j0 + 32):
 // x[m] = <s_i, t_j> and y[m] = <s_j, t_i> for this thread's row i and its columns
 // j = j0 + q + 4 m. Staging buffers are passed in (function-scope __shared__ arrays).
-__device__ __forceinline__ void cosine_tiles(const float* s, const float* t, int n, int d,
-                                             int i0, int j0, float (*si)[Traits::kChunk + 1],
-                                             float (*ti)[Traits::kChunk + 1],
-                                             float (*sj)[Traits::kChunk + 1],
-                                             float (*tj)[Traits::kChunk + 1],
-                                             float x[Traits::kColsPerThread],
-                                             float y[Traits::kColsPerThread]) {
+template <typename acc_t, int kChunk = Traits::kChunk<acc_t>>
+__device__ __forceinline__ void cosine_tiles(const acc_t* s, const acc_t* t, int n, int d,
+                                             int i0, int j0, acc_t (*si)[kChunk + 1],
+                                             acc_t (*ti)[kChunk + 1], acc_t (*sj)[kChunk + 1],
+                                             acc_t (*tj)[kChunk + 1],
+                                             acc_t x[Traits::kColsPerThread],
+                                             acc_t y[Traits::kColsPerThread]) {
   const int tid = threadIdx.x;
   const int row = tid / Traits::kThreadsPerRow, q = tid % Traits::kThreadsPerRow;
-  for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = 0.f;
-  for (int c0 = 0; c0 < d; c0 += Traits::kChunk) {
-    for (int e = tid; e < Traits::kTileRows * Traits::kChunk; e += Traits::kThreads) {
-      const int r = e / Traits::kChunk, c = e % Traits::kChunk, col = c0 + c;
+  for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = acc_t(0);
+  for (int c0 = 0; c0 < d; c0 += kChunk) {
+    for (int e = tid; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
+      const int r = e / kChunk, c = e % kChunk, col = c0 + c;
       const bool col_ok = col < d;
       const int gi = i0 + r, gj = j0 + r;
-      si[r][c] = (gi < n && col_ok) ? s[static_cast<int64_t>(gi) * d + col] : 0.f;
-      ti[r][c] = (gi < n && col_ok) ? t[static_cast<int64_t>(gi) * d + col] : 0.f;
-      sj[r][c] = (gj < n && col_ok) ? s[static_cast<int64_t>(gj) * d + col] : 0.f;
-      tj[r][c] = (gj < n && col_ok) ? t[static_cast<int64_t>(gj) * d + col] : 0.f;
+      si[r][c] = (gi < n && col_ok) ? s[static_cast<int64_t>(gi) * d + col] : acc_t(0);
+      ti[r][c] = (gi < n && col_ok) ? t[static_cast<int64_t>(gi) * d + col] : acc_t(0);
+      sj[r][c] = (gj < n && col_ok) ? s[static_cast<int64_t>(gj) * d + col] : acc_t(0);
+      tj[r][c] = (gj < n && col_ok) ? t[static_cast<int64_t>(gj) * d + col] : acc_t(0);
     }
     __syncthreads();
-    for (int c = 0; c < Traits::kChunk; ++c) {
-      const float a = si[row][c], b = ti[row][c];
+    for (int c = 0; c < kChunk; ++c) {
+      const acc_t a = si[row][c], b = ti[row][c];
       for (int m = 0; m < Traits::kColsPerThread; ++m) {
         const int jj = q + Traits::kThreadsPerRow * m;
         x[m] += a * tj[jj][c];
@@ -173,36 +184,38 @@ __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, 
 
 // ---------------------------------------------------------------------------------------
 // Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
-__global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams p) {
-  __shared__ float si[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float ti[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float sj[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float tj[Traits::kTileRows][Traits::kChunk + 1];
+template <typename acc_t>
+__global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams<acc_t> p) {
+  constexpr int kChunk = Traits::kChunk<acc_t>;
+  __shared__ acc_t si[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t ti[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t sj[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t tj[Traits::kTileRows][kChunk + 1];
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
 
   const int n = p.n, d = p.d;
-  const float* s = p.unit;
-  const float* t = p.unit + static_cast<int64_t>(n) * d;
+  const acc_t* s = p.unit;
+  const acc_t* t = p.unit + static_cast<int64_t>(n) * d;
   const int row = threadIdx.x / Traits::kThreadsPerRow, q = threadIdx.x % Traits::kThreadsPerRow;
   const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
-  const float kappa = static_cast<float>(clamped_scale(*p.log_scale, p.max_scale));
+  const acc_t kappa = static_cast<acc_t>(clamped_scale(*p.log_scale, p.max_scale));
   // Start the shifts at kappa (no rescaling ever needed below kFixedShiftMaxScale).
-  const float start = kappa <= kFixedShiftMaxScale ? kappa : -INFINITY;
-  float shift_r = start, sum_r = 0.f, shift_c = start, sum_c = 0.f, sum_k = 0.f, diag = 0.f;
+  const acc_t start = kappa <= kFixedShiftMaxScale ? kappa : static_cast<acc_t>(-INFINITY);
+  acc_t shift_r = start, sum_r = 0, shift_c = start, sum_c = 0, sum_k = 0, diag = 0;
 
-  float x[Traits::kColsPerThread], y[Traits::kColsPerThread];
+  acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
     cosine_tiles(s, t, n, d, i0, j0, si, ti, sj, tj, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int j = j0 + q + Traits::kThreadsPerRow * m;
       if (i >= n || j >= n) continue;
-      const float l_ij = kappa * x[m], l_ji = kappa * y[m];
+      const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
       add_shifted(l_ij, shift_r, sum_r);
-      const float rescale = raise_shift(l_ji, shift_c);  // C and K share the shift
+      const acc_t rescale = raise_shift(l_ji, shift_c);  // C and K share the shift
       sum_c *= rescale;
       sum_k *= rescale;
-      const float e = exp_acc<float>(l_ji - shift_c);
+      const acc_t e = exp_acc<acc_t>(l_ji - shift_c);
       sum_c += e;
       sum_k += e * (l_ji - l_ij);
       if (j == i) diag = l_ij;
@@ -210,20 +223,20 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   }
   // Merge the four threads of the row.
   for (int mask = 1; mask < Traits::kThreadsPerRow; mask <<= 1) {
-    const float o_shift_r = shuffle_xor(shift_r, mask), o_sum_r = shuffle_xor(sum_r, mask);
-    const float o_shift_c = shuffle_xor(shift_c, mask), o_sum_c = shuffle_xor(sum_c, mask);
-    const float o_sum_k = shuffle_xor(sum_k, mask);
-    const ShiftMerge<float> mr = merge_shifts(shift_r, o_shift_r);
+    const acc_t o_shift_r = shuffle_xor(shift_r, mask), o_sum_r = shuffle_xor(sum_r, mask);
+    const acc_t o_shift_c = shuffle_xor(shift_c, mask), o_sum_c = shuffle_xor(sum_c, mask);
+    const acc_t o_sum_k = shuffle_xor(sum_k, mask);
+    const ShiftMerge<acc_t> mr = merge_shifts(shift_r, o_shift_r);
     sum_r = sum_r * mr.factor1 + o_sum_r * mr.factor2;
     shift_r = mr.shift;
-    const ShiftMerge<float> mc = merge_shifts(shift_c, o_shift_c);
+    const ShiftMerge<acc_t> mc = merge_shifts(shift_c, o_shift_c);
     sum_c = sum_c * mc.factor1 + o_sum_c * mc.factor2;
     sum_k = sum_k * mc.factor1 + o_sum_k * mc.factor2;
     shift_c = mc.shift;
   }
   diag = row_group_sum(diag);  // only the thread that met j == i holds it
   if (q == 0 && i < n) {
-    const RowStats<float> st = finalize_row<float>(sum_r, shift_r, sum_c, shift_c, sum_k);
+    const RowStats<acc_t> st = finalize_row<acc_t>(sum_r, shift_r, sum_c, shift_c, sum_k);
     p.row_lse[i] = st.row_lse;
     p.col_lse[i] = st.col_lse;
     p.row_kl[i] = st.row_kl;
@@ -239,62 +252,63 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
     ce = block_sum(ce, reduce_scratch) / n;
     kl = block_sum(kl, reduce_scratch) / n;
     if (threadIdx.x == 0) {
-      *p.ce = static_cast<float>(ce);
-      *p.kl = static_cast<float>(kl);
-      *p.loss = static_cast<float>(ce + p.alpha * kl);
+      *p.ce = static_cast<acc_t>(ce);
+      *p.kl = static_cast<acc_t>(kl);
+      *p.loss = static_cast<acc_t>(ce + p.alpha * kl);
     }
   }
 }
 
-template <typename T>
-__device__ __forceinline__ void store_as(void* base, int64_t index, float v) {
+template <typename T, typename acc_t>
+__device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
   static_cast<T*>(base)[index] = static_cast<T>(v);
 }
 
 // ---------------------------------------------------------------------------------------
 // The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
 // for the block's rows, then back through the normalisation, and (last block) d theta.
-template <typename out_t>
-__global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams p) {
-  __shared__ float si[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float ti[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float sj[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float tj[Traits::kTileRows][Traits::kChunk + 1];
-  __shared__ float gx[Traits::kTileRows][Traits::kTileRows + 1];  // G_ij
-  __shared__ float gy[Traits::kTileRows][Traits::kTileRows + 1];  // G_ji
+template <typename out_t, typename acc_t>
+__global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
+  constexpr int kChunk = Traits::kChunk<acc_t>;
+  __shared__ acc_t si[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t ti[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t sj[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t tj[Traits::kTileRows][kChunk + 1];
+  __shared__ acc_t gx[Traits::kTileRows][Traits::kTileRows + 1];  // G_ij
+  __shared__ acc_t gy[Traits::kTileRows][Traits::kTileRows + 1];  // G_ji
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
 
   const int n = p.n, d = p.d;
-  const float* s = p.unit;
-  const float* t = p.unit + static_cast<int64_t>(n) * d;
+  const acc_t* s = p.unit;
+  const acc_t* t = p.unit + static_cast<int64_t>(n) * d;
   const int tid = threadIdx.x;
   const int row = tid / Traits::kThreadsPerRow, q = tid % Traits::kThreadsPerRow;
   const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
   const double log_scale = *p.log_scale;
-  const float kappa = static_cast<float>(clamped_scale(log_scale, p.max_scale));
-  const float g_loss = p.grad_loss ? *p.grad_loss : 0.f;
-  const float w_ce = g_loss + (p.grad_ce ? *p.grad_ce : 0.f);
-  const float w_kl = p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : 0.f);
-  const float a = kappa / static_cast<float>(n);
+  const acc_t kappa = static_cast<acc_t>(clamped_scale(log_scale, p.max_scale));
+  const acc_t g_loss = p.grad_loss ? *p.grad_loss : acc_t(0);
+  const acc_t w_ce = g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0));
+  const acc_t w_kl = p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0));
+  const acc_t a = kappa / static_cast<acc_t>(n);
   const bool row_ok = i < n;
-  const float r_i = row_ok ? p.row_lse[i] : 0.f, c_i = row_ok ? p.col_lse[i] : 0.f;
-  const float k_i = row_ok ? p.row_kl[i] : 0.f;
+  const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
+  const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
   double dkappa = 0;
 
-  float x[Traits::kColsPerThread], y[Traits::kColsPerThread];
+  acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
     cosine_tiles(s, t, n, d, i0, j0, si, ti, sj, tj, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int jj = q + Traits::kThreadsPerRow * m, j = j0 + jj;
-      float g_ij = 0.f, g_ji = 0.f;
+      acc_t g_ij = 0, g_ji = 0;
       if (row_ok && j < n) {
-        const float l_ij = kappa * x[m], l_ji = kappa * y[m];
-        const float r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
-        const LogitGradPair<float> g = logit_grad_pair<float>(
+        const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
+        const acc_t r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
+        const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
             l_ij, l_ji, r_i, c_i, k_i, r_j, c_j, k_j,
-            pair_probabilities<float>(l_ij, l_ji, r_i, c_i, r_j, c_j), j == i ? 1.f : 0.f,
-            w_ce, w_kl);
+            pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
+            j == i ? acc_t(1) : acc_t(0), w_ce, w_kl);
         g_ij = g.ij;
         g_ji = g.ji;
         dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij
@@ -304,27 +318,27 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
     }
     __syncthreads();
     // This thread's outputs: row i, features c0 + q + 4 m.
-    for (int c0 = 0; c0 < d; c0 += Traits::kChunk) {
-      for (int e = tid; e < Traits::kTileRows * Traits::kChunk; e += Traits::kThreads) {
-        const int r = e / Traits::kChunk, c = e % Traits::kChunk, col = c0 + c;
+    for (int c0 = 0; c0 < d; c0 += kChunk) {
+      for (int e = tid; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
+        const int r = e / kChunk, c = e % kChunk, col = c0 + c;
         const int gj = j0 + r;
         const bool ok = gj < n && col < d;
-        sj[r][c] = ok ? s[static_cast<int64_t>(gj) * d + col] : 0.f;
-        tj[r][c] = ok ? t[static_cast<int64_t>(gj) * d + col] : 0.f;
+        sj[r][c] = ok ? s[static_cast<int64_t>(gj) * d + col] : acc_t(0);
+        tj[r][c] = ok ? t[static_cast<int64_t>(gj) * d + col] : acc_t(0);
       }
       __syncthreads();
-      for (int m = 0; m < Traits::kChunk / Traits::kThreadsPerRow; ++m) {
+      for (int m = 0; m < kChunk / Traits::kThreadsPerRow; ++m) {
         const int c = q + Traits::kThreadsPerRow * m, col = c0 + c;
-        float acc_s = 0.f, acc_t = 0.f;
+        acc_t sum_s = 0, sum_t = 0;
         for (int jj = 0; jj < Traits::kTileRows; ++jj) {
-          acc_s += gx[row][jj] * tj[jj][c];
-          acc_t += gy[row][jj] * sj[jj][c];
+          sum_s += gx[row][jj] * tj[jj][c];
+          sum_t += gy[row][jj] * sj[jj][c];
         }
         if (row_ok && col < d) {
           const int64_t at = static_cast<int64_t>(i) * d + col;
           // The first column block writes, the others add: no zeroing launch needed.
-          p.ds[at] = (j0 == 0 ? 0.f : p.ds[at]) + a * acc_s;
-          p.dt[at] = (j0 == 0 ? 0.f : p.dt[at]) + a * acc_t;
+          p.ds[at] = (j0 == 0 ? acc_t(0) : p.ds[at]) + a * sum_s;
+          p.dt[at] = (j0 == 0 ? acc_t(0) : p.dt[at]) + a * sum_t;
         }
       }
       __syncthreads();
@@ -333,16 +347,16 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
 
   // Back through the normalisation: dz = (dS - s <s, dS>) / max(||z||, eps), per row.
   for (int side = 0; side < 2; ++side) {
-    const float* unit_rows = side == 0 ? s : t;
-    const float* grad_rows = side == 0 ? p.ds : p.dt;
+    const acc_t* unit_rows = side == 0 ? s : t;
+    const acc_t* grad_rows = side == 0 ? p.ds : p.dt;
     void* out = side == 0 ? p.grad_z_s : p.grad_z_t;
-    float dot = 0.f;
+    acc_t dot = 0;
     if (row_ok)
       for (int c = q; c < d; c += Traits::kThreadsPerRow)
         dot += unit_rows[static_cast<int64_t>(i) * d + c] * grad_rows[static_cast<int64_t>(i) * d + c];
     dot = row_group_sum(dot);
     if (row_ok) {
-      const float norm = p.norms[side * n + i];
+      const acc_t norm = p.norms[side * n + i];
       for (int c = q; c < d; c += Traits::kThreadsPerRow) {
         const int64_t at = static_cast<int64_t>(i) * d + c;
         store_as<out_t>(out, at, normalize_backward(grad_rows[at], unit_rows[at], dot, norm));
@@ -358,7 +372,7 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
     total = block_sum(total, reduce_scratch);
     if (tid == 0)
       *p.grad_log_scale =
-          static_cast<float>(total / n * scale_grad_factor(log_scale, p.max_scale));
+          static_cast<acc_t>(total / n * scale_grad_factor(log_scale, p.max_scale));
   }
 }
 
