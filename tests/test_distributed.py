@@ -79,3 +79,15 @@ def test_distill_command_runs_under_torchrun(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("icd resnet8: epoch 0") == 1  # printed by rank 0 only
     assert (tmp_path / "s" / "best.pt").exists()
+
+
+@pytest.mark.slow
+def test_crd_memory_banks_stay_identical_across_ranks(tmp_path):
+    # The ranks start from different random banks (other seeds); fit broadcasts rank 0's,
+    # and every update uses all ranks' samples, with no per-step broadcast.
+    done = torchrun(WORKER, tmp_path, "crd")
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"banks{r}.pt", weights_only=False) for r in (0, 1))
+    for name in ("memory_s", "memory_t"):
+        assert torch.equal(rank0[name], rank1[name]), name
+    assert rank0["rows"][-1]["loss"] < rank0["rows"][0]["loss"]

@@ -170,7 +170,7 @@ def evaluate_command(args) -> int:
     _, test_set, classes, channels = load_data(args.dataset, args.data, args.download)
     model = build_model(args.model, classes, channels)
     load_weights(model, args.ckpt, args.model)
-    accuracy = engine.evaluate(model.to(device), test_set)
+    accuracy = engine.evaluate(model.to(device), test_set, num_workers=args.workers)
     say(f"{args.model} ({args.ckpt}): test top-1 {accuracy:.2f}%")
     return 0
 
@@ -204,7 +204,7 @@ def probe(model_name: str, ckpt, dataset: str, root, args) -> float:
                                                    getattr(args, "download", False))
     recipe_ = ProbeRecipe(epochs=args.probe_epochs, batch_size=args.probe_batch_size,
                           lr=args.probe_lr, lr_decay_epochs=tuple(args.probe_lr_decay_epochs),
-                          seed=args.seed)
+                          seed=args.seed, num_workers=args.workers)
     accuracy, _ = linear_probe(model.to(device), train_set, test_set, classes, recipe_)
     say(f"linear probe of {model_name} ({ckpt}) on {dataset}: test top-1 {accuracy:.2f}%")
     return accuracy
@@ -318,6 +318,7 @@ def main(argv=None) -> int:
         p.add_argument("--data", default="./data", help="data set root folder")
         p.add_argument("--download", action="store_true", help="fetch CIFAR/STL-10 if missing")
         p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
+        p.add_argument("--workers", type=int, default=0, help="data loader processes")
 
     def training_options(p, dataset=True):
         data_options(p, dataset)
@@ -329,7 +330,6 @@ def main(argv=None) -> int:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms (slower on GPU)")
-        p.add_argument("--workers", type=int, default=0, help="data loader processes")
         p.add_argument("--precision", default="fp32", choices=sorted(engine.PRECISIONS),
                        help="autocast dtype (fp16 adds a gradient scaler)")
         p.add_argument("--sync-bn", action="store_true", help="synchronised batch norm (GPUs)")

@@ -70,6 +70,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrites tensor on every rank with rank src's values (in place)."""
+    if is_distributed():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
 def all_gather_objects(obj) -> List:
     if not is_distributed():
         return [obj]

@@ -145,7 +145,7 @@ def _autocast(device: torch.device, precision: str):
 
 
 def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
-             precision: str = "fp32") -> float:
+             precision: str = "fp32", num_workers: int = 0) -> float:
     """Top-1 accuracy in percent; under DDP each rank scores a share of the set."""
     was_training = model.training
     model.eval()
@@ -155,7 +155,8 @@ def evaluate(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256,
                                         distributed.world_size()))
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     with torch.no_grad(), _autocast(device, precision):
-        for images, labels in DataLoader(dataset, batch_size=batch_size):
+        for images, labels in DataLoader(dataset, batch_size=batch_size,
+                                         num_workers=num_workers):
             pred = model(images.to(device)).argmax(1)
             counts[0] += (pred == labels.to(device)).sum()
             counts[1] += labels.numel()
@@ -212,6 +213,16 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     main = rank == 0
     model = distiller
     if world > 1:
+        # The frozen teacher's buffers and the method's replicated ones (CRD's memory banks:
+        # tens of MB) stay equal on every rank without a broadcast at each step.
+        skip = [name for name, _ in distiller.named_buffers()
+                if name.startswith("teacher.")
+                or name in getattr(distiller, "replicated_buffers", ())]
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            distiller, skip)
+        buffers = dict(distiller.named_buffers())
+        for name in skip:  # DDP leaves them out of its start-up broadcast too
+            distributed.broadcast_(buffers[name])
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None)
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
@@ -275,7 +286,8 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
             scheduler.step()
         means = (sums / steps).tolist() if steps else []
         row = {"epoch": epoch, **dict(zip(names, means)),
-               "test_acc": evaluate(distiller.student, test_set, precision=config.precision),
+               "test_acc": evaluate(distiller.student, test_set, precision=config.precision,
+                                    num_workers=config.num_workers),
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
         history.rows.append(row)
         if config.out_dir is not None:

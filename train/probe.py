@@ -28,11 +28,12 @@ class ProbeRecipe:
     lr_decay_epochs: Sequence[int] = (20, 30, 35)
     weight_decay: float = 0.0
     seed: int = 0
+    num_workers: int = 0  # data loader processes for the feature pass
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 256
-                     ) -> Tuple[torch.Tensor, torch.Tensor]:
+def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 256,
+                     num_workers: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
     """(features (N, dim) in float32 on the CPU, labels (N,)) of a model in eval mode."""
     device = next(model.parameters()).device
     tap = FeatureTap(model)
@@ -40,7 +41,8 @@ def extract_features(model: nn.Module, dataset: Dataset, batch_size: int = 256
     model.eval()
     features, labels = [], []
     try:
-        for images, targets in DataLoader(dataset, batch_size=batch_size):
+        for images, targets in DataLoader(dataset, batch_size=batch_size,
+                                          num_workers=num_workers):
             model(images.to(device))
             features.append(tap.features.float().flatten(1).cpu())
             labels.append(torch.as_tensor(targets))
@@ -67,8 +69,8 @@ def linear_probe(model: nn.Module, train_set: Dataset, test_set: Dataset, num_cl
     """Trains a linear classifier on the frozen model's features; returns (test top-1 %,
     the classifier). The model's weights and batch-norm statistics are left untouched."""
     model.requires_grad_(False)
-    train_x, train_y = extract_features(model, train_set)
-    test_x, test_y = extract_features(model, test_set)
+    train_x, train_y = extract_features(model, train_set, num_workers=recipe.num_workers)
+    test_x, test_y = extract_features(model, test_set, num_workers=recipe.num_workers)
     if train_y.numel() and int(train_y.max()) >= num_classes:
         raise ValueError(f"label {int(train_y.max())} out of range for {num_classes} classes")
     generator = torch.Generator().manual_seed(recipe.seed)

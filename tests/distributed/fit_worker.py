@@ -27,7 +27,9 @@ def main(out: str, method: str) -> None:
     torch.use_deterministic_algorithms(True)
     train, test = digits_datasets(image_size=8)
     train, test = stratified_subset(train, 0.1, 0), stratified_subset(test, 0.2, 0)
-    torch.manual_seed(0)  # the same initial weights on every rank
+    # Each rank draws other initial weights (and CRD banks): fit must start them all from
+    # rank 0's, as the single process (seed 0) does.
+    torch.manual_seed(distributed.rank())
     teacher, student = small_net(16), small_net(8)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
     distiller = build_distiller(method, student, teacher, num_samples=len(train)).to(device)
@@ -35,7 +37,10 @@ def main(out: str, method: str) -> None:
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     config = engine.TrainConfig(epochs=4, batch_size=32, seed=5, out_dir=Path(out) / "run")
     history = engine.fit(distiller, train, test, optimizer, None, config)
-    if distributed.is_main():
+    if method == "crd":  # every rank's memory banks, to compare
+        torch.save({"memory_s": distiller.memory_s, "memory_t": distiller.memory_t,
+                    "rows": history.rows}, Path(out) / f"banks{distributed.rank()}.pt")
+    elif distributed.is_main():
         torch.save({"rows": history.rows, "student": distiller.student.state_dict(),
                     "initial": initial, "log_scale": distiller.criterion.log_scale.detach().clone()},
                    Path(out) / "result.pt")

@@ -53,6 +53,9 @@ class Distiller(nn.Module):
     """Student (trained), optional frozen teacher, and the method's own modules."""
 
     needs_teacher = True
+    # Buffers that every rank keeps identical by itself (updated from all ranks' samples), so
+    # that DDP need not broadcast them from rank 0 at every step.
+    replicated_buffers: Tuple[str, ...] = ()
 
     def __init__(self, student: nn.Module, teacher: Optional[nn.Module] = None):
         super().__init__()
@@ -151,6 +154,7 @@ class CRD(Distiller):
     """
 
     needs_num_samples = True
+    replicated_buffers = ("memory_s", "memory_t")
 
     def __init__(self, student, teacher, num_samples: Optional[int] = None, gamma=1.0,
                  lam=0.0, beta=0.8, temperature=4.0, feat_dim=128, num_negatives=4096,
