@@ -39,10 +39,11 @@ def test_cuda_matches_oracle(n, d):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_cuda_half_inputs(dtype):
+    # Tensor cores on sm_80+: unit rows and logit gradients rounded to 16 bits.
     z_s, z_t, th = on_gpu(300, 128, dtype, 1.0)
     (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
     (want, _, _), w_grads = oracle(z_s.cpu(), z_t.cpu(), th.cpu())
-    assert_rel_close(loss.cpu(), want, 1e-5, "loss")
+    assert_rel_close(loss.cpu(), want, 3e-4, "loss")
     for got, ref in zip(grads, w_grads):
         assert_rel_close(got.cpu(), ref, 1e-2, "grad")
 

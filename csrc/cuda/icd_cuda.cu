@@ -12,6 +12,13 @@ namespace {
 
 struct StreamLaunch {
   cudaStream_t stream;
+  // WMMA with bf16 operands needs sm_80 (the default arch list's oldest).
+  bool tensor_cores() const {
+    int device = 0, major = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major >= 8;
+  }
   template <typename Kernel, typename Params>
   void operator()(Kernel kernel, int64_t blocks, const Params& params) const {
     if (blocks == 0) return;

@@ -28,6 +28,18 @@ namespace icd_fast::cuda {
 template <typename scalar_t>
 using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
+// Calls body(Products{}) with the tile products for this input dtype: tensor cores for
+// fp16/bf16 where the launcher has them (sm_80+), CUDA-core FMAs otherwise. The forward and
+// the backward take the same decision, so the backward recomputes the forward's logits.
+template <typename scalar_t, typename Launch, typename Body>
+void with_tile_products(const Launch& launch, const Body& body) {
+  using acc_t = acc_type_for<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (launch.tensor_cores()) return body(TensorCoreProducts<scalar_t>{});
+  }
+  body(SimtProducts<acc_t>{});
+}
+
 inline int64_t blocks_for(int64_t rows, int64_t rows_per_block) {
   return (rows + rows_per_block - 1) / rows_per_block;
 }
@@ -83,7 +95,9 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
                             row_ce.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
                             ce.data_ptr<acc_t>(), kl.data_ptr<acc_t>(),
                             reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
-    launch(forward_kernel<acc_t>, blocks_for(n, Traits::kTileRows), fp);
+    with_tile_products<scalar_t>(launch, [&](auto products) {
+      launch(forward_kernel<decltype(products), acc_t>, blocks_for(n, Traits::kTileRows), fp);
+    });
   });
   return {loss, ce, kl, row_lse, col_lse, row_kl, unit, norms};
 }
@@ -128,7 +142,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
                              dt.data_ptr<acc_t>(), grad_z_s.data_ptr(), grad_z_t.data_ptr(),
                              block_dkappa.data_ptr<double>(), grad_scale.data_ptr<acc_t>(),
                              reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
-    launch(backward_kernel<scalar_t, acc_t>, blocks, bp);
+    with_tile_products<scalar_t>(launch, [&](auto products) {
+      launch(backward_kernel<decltype(products), scalar_t, acc_t>, blocks, bp);
+    });
   });
   return {grad_z_s, grad_z_t, grad_scale.to(log_scale.scalar_type()).reshape(log_scale.sizes())};
 }

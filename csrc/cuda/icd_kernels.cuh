@@ -1,8 +1,8 @@
-// CUDA kernels of the fused ICD loss. Plain CUDA C++ (no tensor-core instructions yet), so
-// that the same source also runs on the CPU under the tests' emulation layer
-// (tests/cuda_emulation/): keep to __syncthreads, __shfl_xor_sync, atomicAdd,
-// __threadfence and function-scope __shared__ arrays, and let every thread of a block reach
-// every barrier (no early return).
+// CUDA kernels of the fused ICD loss. Plain CUDA C++ plus the WMMA API (the tile products,
+// icd_tile_products.cuh), so that the same source also runs on the CPU under the tests'
+// emulation layer (tests/cuda_emulation/): keep to __syncthreads, __shfl_xor_sync,
+// atomicAdd, __threadfence, nvcuda::wmma and function-scope __shared__ variables, and let
+// every thread of a block reach every barrier (no early return).
 //
 // Row-block ownership, deterministic, no floating-point atomics: the block that owns rows
 // I = [32 b, 32 b + 32) loops over all column blocks J, forms L_IJ and L_JI tile by tile in
@@ -14,25 +14,12 @@
 #include <cstdint>
 
 #include "../icd_math.h"
+#include "icd_tile_products.cuh"
 
 namespace icd_fast::cuda {
 
-struct KernelTraits {
-  static constexpr int kTileRows = 32;                  // rows of I (and of J) per tile
-  static constexpr int kThreads = 128;                  // 4 warps
-  static constexpr int kThreadsPerRow = 4;              // lanes 4r..4r+3 of one warp
-  static constexpr int kColsPerThread = kTileRows / kThreadsPerRow;  // 8
-  static constexpr int kNormRowsPerBlock = kThreads / 32;  // one warp per row
-  // Features staged per step: 16 in double keeps the backward's static shared memory
-  // (six staged tiles) under 48 KB.
-  template <typename acc_t>
-  static constexpr int kChunk = sizeof(acc_t) == 8 ? 16 : 32;
-};
-using Traits = KernelTraits;
-
 // acc_t is the dtype of the statistics and of all arithmetic: double for float64 inputs,
 // float for float32, float16 and bfloat16 inputs.
-
 template <typename acc_t>
 struct NormalizeParams {
   const void* z_s;
@@ -123,42 +110,6 @@ __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizePa
   }
 }
 
-// The two cosine tiles of rows I = [i0, i0 + 32) and columns J = [j0, j0 + 32):
-// x[m] = <s_i, t_j> and y[m] = <s_j, t_i> for this thread's row i and its columns
-// j = j0 + q + 4 m. Staging buffers are passed in (function-scope __shared__ arrays).
-template <typename acc_t, int kChunk = Traits::kChunk<acc_t>>
-__device__ __forceinline__ void cosine_tiles(const acc_t* s, const acc_t* t, int n, int d,
-                                             int i0, int j0, acc_t (*si)[kChunk + 1],
-                                             acc_t (*ti)[kChunk + 1], acc_t (*sj)[kChunk + 1],
-                                             acc_t (*tj)[kChunk + 1],
-                                             acc_t x[Traits::kColsPerThread],
-                                             acc_t y[Traits::kColsPerThread]) {
-  const int tid = threadIdx.x;
-  const int row = tid / Traits::kThreadsPerRow, q = tid % Traits::kThreadsPerRow;
-  for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = acc_t(0);
-  for (int c0 = 0; c0 < d; c0 += kChunk) {
-    for (int e = tid; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
-      const int r = e / kChunk, c = e % kChunk, col = c0 + c;
-      const bool col_ok = col < d;
-      const int gi = i0 + r, gj = j0 + r;
-      si[r][c] = (gi < n && col_ok) ? s[static_cast<int64_t>(gi) * d + col] : acc_t(0);
-      ti[r][c] = (gi < n && col_ok) ? t[static_cast<int64_t>(gi) * d + col] : acc_t(0);
-      sj[r][c] = (gj < n && col_ok) ? s[static_cast<int64_t>(gj) * d + col] : acc_t(0);
-      tj[r][c] = (gj < n && col_ok) ? t[static_cast<int64_t>(gj) * d + col] : acc_t(0);
-    }
-    __syncthreads();
-    for (int c = 0; c < kChunk; ++c) {
-      const acc_t a = si[row][c], b = ti[row][c];
-      for (int m = 0; m < Traits::kColsPerThread; ++m) {
-        const int jj = q + Traits::kThreadsPerRow * m;
-        x[m] += a * tj[jj][c];
-        y[m] += b * sj[jj][c];
-      }
-    }
-    __syncthreads();
-  }
-}
-
 // Block-wide sum of one double per thread in a fixed order (the same bits every run).
 __device__ __forceinline__ double block_sum(double v, double* scratch) {
   scratch[threadIdx.x] = v;
@@ -184,13 +135,9 @@ __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, 
 
 // ---------------------------------------------------------------------------------------
 // Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
-template <typename acc_t>
+template <typename Products, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams<acc_t> p) {
-  constexpr int kChunk = Traits::kChunk<acc_t>;
-  __shared__ acc_t si[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t ti[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t sj[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t tj[Traits::kTileRows][kChunk + 1];
+  __shared__ typename Products::Storage tiles;
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
 
@@ -206,7 +153,7 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
-    cosine_tiles(s, t, n, d, i0, j0, si, ti, sj, tj, x, y);
+    Products::cosine(tiles, s, t, n, d, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int j = j0 + q + Traits::kThreadsPerRow * m;
       if (i >= n || j >= n) continue;
@@ -267,15 +214,9 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
 // ---------------------------------------------------------------------------------------
 // The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
 // for the block's rows, then back through the normalisation, and (last block) d theta.
-template <typename out_t, typename acc_t>
+template <typename Products, typename out_t, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
-  constexpr int kChunk = Traits::kChunk<acc_t>;
-  __shared__ acc_t si[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t ti[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t sj[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t tj[Traits::kTileRows][kChunk + 1];
-  __shared__ acc_t gx[Traits::kTileRows][Traits::kTileRows + 1];  // G_ij
-  __shared__ acc_t gy[Traits::kTileRows][Traits::kTileRows + 1];  // G_ji
+  __shared__ typename Products::Storage tiles;
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
 
@@ -298,7 +239,7 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
-    cosine_tiles(s, t, n, d, i0, j0, si, ti, sj, tj, x, y);
+    Products::cosine(tiles, s, t, n, d, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int jj = q + Traits::kThreadsPerRow * m, j = j0 + jj;
       acc_t g_ij = 0, g_ji = 0;
@@ -313,36 +254,17 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
         g_ji = g.ji;
         dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij
       }
-      gx[row][jj] = g_ij;
-      gy[row][jj] = g_ji;
+      tiles.gx[row][jj] = Products::to_operand(g_ij);
+      tiles.gy[row][jj] = Products::to_operand(g_ji);
     }
     __syncthreads();
-    // This thread's outputs: row i, features c0 + q + 4 m.
-    for (int c0 = 0; c0 < d; c0 += kChunk) {
-      for (int e = tid; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
-        const int r = e / kChunk, c = e % kChunk, col = c0 + c;
-        const int gj = j0 + r;
-        const bool ok = gj < n && col < d;
-        sj[r][c] = ok ? s[static_cast<int64_t>(gj) * d + col] : acc_t(0);
-        tj[r][c] = ok ? t[static_cast<int64_t>(gj) * d + col] : acc_t(0);
-      }
-      __syncthreads();
-      for (int m = 0; m < kChunk / Traits::kThreadsPerRow; ++m) {
-        const int c = q + Traits::kThreadsPerRow * m, col = c0 + c;
-        acc_t sum_s = 0, sum_t = 0;
-        for (int jj = 0; jj < Traits::kTileRows; ++jj) {
-          sum_s += gx[row][jj] * tj[jj][c];
-          sum_t += gy[row][jj] * sj[jj][c];
-        }
-        if (row_ok && col < d) {
-          const int64_t at = static_cast<int64_t>(i) * d + col;
-          // The first column block writes, the others add: no zeroing launch needed.
-          p.ds[at] = (j0 == 0 ? acc_t(0) : p.ds[at]) + a * sum_s;
-          p.dt[at] = (j0 == 0 ? acc_t(0) : p.dt[at]) + a * sum_t;
-        }
-      }
-      __syncthreads();
-    }
+    // The first column block writes dS and dT, the others add: no zeroing launch needed.
+    Products::gradient(tiles, s, t, n, d, j0, [&](int col, acc_t sum_s, acc_t sum_t) {
+      if (!row_ok || col >= d) return;
+      const int64_t at = static_cast<int64_t>(i) * d + col;
+      p.ds[at] = (j0 == 0 ? acc_t(0) : p.ds[at]) + a * sum_s;
+      p.dt[at] = (j0 == 0 ? acc_t(0) : p.dt[at]) + a * sum_t;
+    });
   }
 
   // Back through the normalisation: dz = (dS - s <s, dS>) / max(||z||, eps), per row.

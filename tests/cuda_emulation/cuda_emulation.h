@@ -1,8 +1,10 @@
 // A small CUDA execution model on the CPU, for running the project's CUDA kernels in CI
 // (no GPU there). One OS thread per CUDA thread; blocks run one at a time, so a
 // function-scope __shared__ array can be a static; __syncthreads is a block barrier; warp
-// shuffles exchange through a per-warp slot array between two warp barriers. Only what
-// csrc/cuda/icd_kernels.cuh uses is provided.
+// shuffles exchange through a per-warp slot array between two warp barriers; the WMMA
+// tensor-core API (nvcuda::wmma) is emulated at the level its documentation specifies:
+// tiles in memory, with its pointer-alignment and leading-dimension rules checked. Only what
+// csrc/cuda/ uses is provided.
 #pragma once
 
 #include <array>
@@ -10,10 +12,16 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 struct uint3 {
   unsigned int x = 0, y = 0, z = 0;
@@ -77,6 +85,89 @@ T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask) {
 inline unsigned int atomicAdd(unsigned int* address, unsigned int value) {
   return std::atomic_ref<unsigned int>(*address).fetch_add(value);
 }
+
+// 16-bit float types of cuda_fp16.h / cuda_bf16.h (same bits; conversions round to nearest even).
+using __half = c10::Half;
+using __nv_bfloat16 = c10::BFloat16;
+inline __half __float2half_rn(float v) { return __half(v); }
+inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
+
+namespace cuda_emulation {
+[[noreturn]] inline void wmma_misuse(const char* what) {
+  std::fprintf(stderr, "emulated wmma: %s\n", what);
+  std::abort();
+}
+}  // namespace cuda_emulation
+
+// Warp-level matrix multiply-accumulate. Each emulated thread holds the whole tile in its
+// fragment (the hardware spreads it over the warp in an unspecified layout, which correct
+// code never depends on); store_matrix_sync writes from lane 0 only, so code that reads a
+// stored tile without a barrier first can read stale memory here as on a GPU.
+namespace nvcuda::wmma {
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment {
+  static constexpr int kRows = std::is_same_v<Use, matrix_b> ? K : M;
+  static constexpr int kCols = std::is_same_v<Use, matrix_a> ? K : N;
+  T v[kRows][kCols];
+};
+
+template <typename T>
+void check_tile_pointer(const T* p, unsigned int ldm) {
+  if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
+    cuda_emulation::wmma_misuse("tile pointer not 256-bit aligned");
+  if ((ldm * sizeof(T)) % 16 != 0)
+    cuda_emulation::wmma_misuse("ldm not a multiple of 16 bytes");
+}
+
+template <typename Use, int M, int N, int K, typename T, typename Layout>
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned int ldm) {
+  static_assert(!std::is_same_v<Use, accumulator>, "this emulation loads operands only");
+  check_tile_pointer(p, ldm);
+  using F = fragment<Use, M, N, K, T, Layout>;
+  for (int r = 0; r < F::kRows; ++r)
+    for (int c = 0; c < F::kCols; ++c)
+      f.v[r][c] = std::is_same_v<Layout, row_major> ? p[r * ldm + c] : p[c * ldm + r];
+}
+
+template <int M, int N, int K, typename T>
+void fill_fragment(fragment<accumulator, M, N, K, T>& f, T value) {
+  for (auto& row : f.v)
+    for (auto& x : row) x = value;
+}
+
+template <int M, int N, int K, typename Tab, typename LayoutA, typename LayoutB>
+void mma_sync(fragment<accumulator, M, N, K, float>& d,
+              const fragment<matrix_a, M, N, K, Tab, LayoutA>& a,
+              const fragment<matrix_b, M, N, K, Tab, LayoutB>& b,
+              const fragment<accumulator, M, N, K, float>& c) {
+  fragment<accumulator, M, N, K, float> out;
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      float sum = c.v[i][j];
+      for (int k = 0; k < K; ++k)
+        sum += static_cast<float>(a.v[i][k]) * static_cast<float>(b.v[k][j]);
+      out.v[i][j] = sum;
+    }
+  d = out;
+}
+
+template <int M, int N, int K>
+void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
+                       unsigned int ldm, layout_t layout) {
+  check_tile_pointer(p, ldm);
+  if (threadIdx.x % cuda_emulation::kWarpSize != 0) return;
+  for (int r = 0; r < M; ++r)
+    for (int c = 0; c < N; ++c)
+      (layout == mem_row_major ? p[r * ldm + c] : p[c * ldm + r]) = f.v[r][c];
+}
+}  // namespace nvcuda::wmma
 
 namespace cuda_emulation {
 

@@ -1,0 +1,248 @@
+// The products of the ICD kernels, for one block's 32 rows I against 32 columns J:
+//
+//   cosine:   x[m] = <s_i, t_j>,  y[m] = <t_i, s_j>   (this thread's row i, columns j)
+//   gradient: dS_I += a G_IJ T_J,  dT_I += a G'_IJ S_J   (G, G' staged in shared memory)
+//
+// Two implementations with one interface, chosen by the kernels' Products parameter:
+//   SimtProducts<acc_t>          CUDA-core FMAs in acc_t (float32 and float64 inputs)
+//   TensorCoreProducts<scalar_t> WMMA 16x16x16 tiles (fp16 / bf16 inputs, sm_80+): the unit
+//                                rows and G are rounded to the input's 16-bit type, products
+//                                accumulate in float32
+// Each keeps its staging buffers in a Storage struct that the kernel declares __shared__.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#endif
+
+// WMMA on bf16 needs sm_80. Device code for older archs keeps the tensor-core functions as
+// traps; the launcher never picks them on such a GPU (StreamLaunch::tensor_cores).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define ICD_FAST_NO_TENSOR_CORES 1
+#endif
+
+namespace icd_fast::cuda {
+
+struct KernelTraits {
+  static constexpr int kTileRows = 32;                  // rows of I (and of J) per tile
+  static constexpr int kThreads = 128;                  // 4 warps
+  static constexpr int kThreadsPerRow = 4;              // lanes 4r..4r+3 of one warp
+  static constexpr int kColsPerThread = kTileRows / kThreadsPerRow;  // 8
+  static constexpr int kNormRowsPerBlock = kThreads / 32;  // one warp per row
+};
+using Traits = KernelTraits;
+
+// This thread's row of the tile and its first column (its columns are q + 4 m).
+struct ThreadPlace {
+  int row, q;
+};
+__device__ __forceinline__ ThreadPlace thread_place() {
+  return {static_cast<int>(threadIdx.x) / Traits::kThreadsPerRow,
+          static_cast<int>(threadIdx.x) % Traits::kThreadsPerRow};
+}
+
+// Copies rows [r0, r0 + 32) x features [c0, c0 + kChunk) of a (n, d) matrix into a shared
+// tile, converted by `convert`, zero outside the matrix.
+template <int kChunk, typename tile_t, typename src_t, typename Convert>
+__device__ __forceinline__ void stage_rows(tile_t* tile, int pitch, const src_t* rows, int n,
+                                           int d, int r0, int c0, Convert convert) {
+  for (int e = threadIdx.x; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
+    const int r = e / kChunk, c = e % kChunk, gr = r0 + r, col = c0 + c;
+    tile[r * pitch + c] =
+        convert((gr < n && col < d) ? rows[static_cast<int64_t>(gr) * d + col] : src_t(0));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+template <typename acc_t>
+struct SimtProducts {
+  using operand_t = acc_t;  // the dtype of the staged G tiles
+  // 16 features per step in double keeps the backward's shared memory under 48 KB.
+  static constexpr int kChunk = sizeof(acc_t) == 8 ? 16 : 32;
+  static constexpr int kPitch = kChunk + 1;
+  struct Storage {
+    acc_t si[Traits::kTileRows][kPitch], ti[Traits::kTileRows][kPitch];
+    acc_t sj[Traits::kTileRows][kPitch], tj[Traits::kTileRows][kPitch];
+    acc_t gx[Traits::kTileRows][Traits::kTileRows + 1];  // G_ij
+    acc_t gy[Traits::kTileRows][Traits::kTileRows + 1];  // G'_ij = G_ji
+  };
+  __device__ static acc_t to_operand(acc_t v) { return v; }
+
+  __device__ static void cosine(Storage& sm, const acc_t* s, const acc_t* t, int n, int d,
+                                int i0, int j0, acc_t x[Traits::kColsPerThread],
+                                acc_t y[Traits::kColsPerThread]) {
+    const ThreadPlace at = thread_place();
+    const auto same = [](acc_t v) { return v; };
+    for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = acc_t(0);
+    for (int c0 = 0; c0 < d; c0 += kChunk) {
+      stage_rows<kChunk>(&sm.si[0][0], kPitch, s, n, d, i0, c0, same);
+      stage_rows<kChunk>(&sm.ti[0][0], kPitch, t, n, d, i0, c0, same);
+      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
+      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
+      __syncthreads();
+      for (int c = 0; c < kChunk; ++c) {
+        const acc_t a = sm.si[at.row][c], b = sm.ti[at.row][c];
+        for (int m = 0; m < Traits::kColsPerThread; ++m) {
+          const int jj = at.q + Traits::kThreadsPerRow * m;
+          x[m] += a * sm.tj[jj][c];
+          y[m] += b * sm.sj[jj][c];
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  // Calls emit(feature, gs, gt) for this thread's features of each chunk, with
+  // gs = (G_IJ T_J)[row, feature] and gt = (G'_IJ S_J)[row, feature].
+  template <typename Emit>
+  __device__ static void gradient(Storage& sm, const acc_t* s, const acc_t* t, int n, int d,
+                                  int j0, Emit emit) {
+    const ThreadPlace at = thread_place();
+    const auto same = [](acc_t v) { return v; };
+    for (int c0 = 0; c0 < d; c0 += kChunk) {
+      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
+      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
+      __syncthreads();
+      for (int m = 0; m < kChunk / Traits::kThreadsPerRow; ++m) {
+        const int c = at.q + Traits::kThreadsPerRow * m;
+        acc_t sum_s = 0, sum_t = 0;
+        for (int jj = 0; jj < Traits::kTileRows; ++jj) {
+          sum_s += sm.gx[at.row][jj] * sm.tj[jj][c];
+          sum_t += sm.gy[at.row][jj] * sm.sj[jj][c];
+        }
+        emit(c0 + c, sum_s, sum_t);
+      }
+      __syncthreads();
+    }
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// The 16-bit operand type of the tensor cores for an input dtype.
+template <typename scalar_t>
+struct TensorCoreOperand;
+template <>
+struct TensorCoreOperand<c10::Half> {
+  using type = __half;
+  __device__ static type from_float(float v) { return __float2half_rn(v); }
+};
+template <>
+struct TensorCoreOperand<c10::BFloat16> {
+  using type = __nv_bfloat16;
+  __device__ static type from_float(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename scalar_t>
+struct TensorCoreProducts {
+  using operand_t = typename TensorCoreOperand<scalar_t>::type;
+  static constexpr int kChunk = 32;      // features per staging step: two k-steps of 16
+  static constexpr int kPitch = 40;      // operand row pitch: a multiple of 8 elements
+  static constexpr int kOutPitch = 36;   // float32 tile pitch: a multiple of 4 elements
+  // WMMA needs 32-byte aligned tile pointers: every 16-row and 16-column offset used below
+  // keeps that for these pitches.
+  struct Storage {
+    alignas(32) operand_t si[Traits::kTileRows][kPitch];
+    alignas(32) operand_t ti[Traits::kTileRows][kPitch];
+    alignas(32) operand_t sj[Traits::kTileRows][kPitch];
+    alignas(32) operand_t tj[Traits::kTileRows][kPitch];
+    alignas(32) operand_t gx[Traits::kTileRows][kPitch];  // G_ij
+    alignas(32) operand_t gy[Traits::kTileRows][kPitch];  // G'_ij = G_ji
+    alignas(32) float out_x[Traits::kTileRows][kOutPitch];
+    alignas(32) float out_y[Traits::kTileRows][kOutPitch];
+  };
+  __device__ static operand_t to_operand(float v) {
+    return TensorCoreOperand<scalar_t>::from_float(v);
+  }
+
+  __device__ static void cosine(Storage& sm, const float* s, const float* t, int n, int d,
+                                int i0, int j0, float x[Traits::kColsPerThread],
+                                float y[Traits::kColsPerThread]) {
+#ifdef ICD_FAST_NO_TENSOR_CORES
+    __trap();
+#else
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32, wi = 16 * (warp / 2), wj = 16 * (warp % 2);
+    const auto round = [](float v) { return to_operand(v); };
+    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fx, fy;
+    wmma::fill_fragment(fx, 0.f);
+    wmma::fill_fragment(fy, 0.f);
+    for (int c0 = 0; c0 < d; c0 += kChunk) {
+      stage_rows<kChunk>(&sm.si[0][0], kPitch, s, n, d, i0, c0, round);
+      stage_rows<kChunk>(&sm.ti[0][0], kPitch, t, n, d, i0, c0, round);
+      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, round);
+      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, round);
+      __syncthreads();
+      for (int k = 0; k < kChunk; k += 16) {
+        // X = S_I T_J^T and Y = T_I S_J^T: B[k][j] = T_J[j][k] is T_J read column-major.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, operand_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, operand_t, wmma::col_major> b;
+        wmma::load_matrix_sync(a, &sm.si[wi][k], kPitch);
+        wmma::load_matrix_sync(b, &sm.tj[wj][k], kPitch);
+        wmma::mma_sync(fx, a, b, fx);
+        wmma::load_matrix_sync(a, &sm.ti[wi][k], kPitch);
+        wmma::load_matrix_sync(b, &sm.sj[wj][k], kPitch);
+        wmma::mma_sync(fy, a, b, fy);
+      }
+      __syncthreads();
+    }
+    wmma::store_matrix_sync(&sm.out_x[wi][wj], fx, kOutPitch, wmma::mem_row_major);
+    wmma::store_matrix_sync(&sm.out_y[wi][wj], fy, kOutPitch, wmma::mem_row_major);
+    __syncthreads();
+    const ThreadPlace at = thread_place();
+    for (int m = 0; m < Traits::kColsPerThread; ++m) {
+      x[m] = sm.out_x[at.row][at.q + Traits::kThreadsPerRow * m];
+      y[m] = sm.out_y[at.row][at.q + Traits::kThreadsPerRow * m];
+    }
+    __syncthreads();  // out_x / out_y are free again
+#endif
+  }
+
+  template <typename Emit>
+  __device__ static void gradient(Storage& sm, const float* s, const float* t, int n, int d,
+                                  int j0, Emit emit) {
+#ifdef ICD_FAST_NO_TENSOR_CORES
+    __trap();
+#else
+    namespace wmma = nvcuda::wmma;
+    const int warp = threadIdx.x / 32, wi = 16 * (warp / 2), wc = 16 * (warp % 2);
+    const auto round = [](float v) { return to_operand(v); };
+    const ThreadPlace at = thread_place();
+    for (int c0 = 0; c0 < d; c0 += kChunk) {
+      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, round);
+      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, round);
+      __syncthreads();
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs, ft;
+      wmma::fill_fragment(fs, 0.f);
+      wmma::fill_fragment(ft, 0.f);
+      for (int k = 0; k < Traits::kTileRows; k += 16) {
+        // (G_IJ T_J)[i][c] = sum_j G[i][j] T_J[j][c]: B is T_J read row-major.
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, operand_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, operand_t, wmma::row_major> b;
+        wmma::load_matrix_sync(a, &sm.gx[wi][k], kPitch);
+        wmma::load_matrix_sync(b, &sm.tj[k][wc], kPitch);
+        wmma::mma_sync(fs, a, b, fs);
+        wmma::load_matrix_sync(a, &sm.gy[wi][k], kPitch);
+        wmma::load_matrix_sync(b, &sm.sj[k][wc], kPitch);
+        wmma::mma_sync(ft, a, b, ft);
+      }
+      wmma::store_matrix_sync(&sm.out_x[wi][wc], fs, kOutPitch, wmma::mem_row_major);
+      wmma::store_matrix_sync(&sm.out_y[wi][wc], ft, kOutPitch, wmma::mem_row_major);
+      __syncthreads();
+      for (int m = 0; m < kChunk / Traits::kThreadsPerRow; ++m) {
+        const int c = at.q + Traits::kThreadsPerRow * m;
+        emit(c0 + c, sm.out_x[at.row][c], sm.out_y[at.row][c]);
+      }
+      __syncthreads();
+    }
+#endif
+  }
+};
+
+}  // namespace icd_fast::cuda
