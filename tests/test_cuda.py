@@ -48,6 +48,23 @@ def test_cuda_half_inputs(dtype):
         assert_rel_close(got.cpu(), ref, 1e-2, "grad")
 
 
+def test_cuda_float32_takes_tf32_tensor_cores_only_when_torch_allows():
+    z_s, z_t, th = on_gpu(300, 128, torch.float32, 1.0)
+    assert not torch.backends.cuda.matmul.allow_tf32  # torch's default: exact fp32
+    (exact, _, _), _ = loss_and_grads(fused, z_s, z_t, th)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        (loss, _, _), grads = loss_and_grads(fused, z_s, z_t, th)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    (want, _, _), w_grads = oracle(z_s.cpu(), z_t.cpu(), th.cpu())
+    assert_rel_close(exact.cpu(), want, 1e-6, "fp32 loss")
+    assert_rel_close(loss.cpu(), want, 3e-4, "tf32 loss")
+    assert not torch.equal(loss, exact)
+    for got, ref in zip(grads, w_grads):
+        assert_rel_close(got.cpu(), ref, 3e-3, "tf32 grad")
+
+
 def test_cuda_online_maximum_path():
     z_s, z_t, _ = on_gpu(500, 64, torch.float32, 0.0)
     th = torch.tensor(math.log(60.0), device="cuda")

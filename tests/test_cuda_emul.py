@@ -28,12 +28,12 @@ def emulated():
 
 
 def emulated_loss_and_grads(emulated, z_s, z_t, theta, alpha=0.5, max_scale=10.0,
-                            tensor_cores=True):
-    out = emulated.forward(z_s, z_t, theta, alpha, max_scale, tensor_cores)
+                            tensor_cores=True, tf32=False):
+    out = emulated.forward(z_s, z_t, theta, alpha, max_scale, tensor_cores, tf32)
     loss, ce, kl, r, c, k, unit, norms = out
     g = torch.tensor(1.0)
     grads = emulated.backward(g, None, None, unit, norms, theta, r, c, k, alpha, max_scale,
-                              z_s.dtype, tensor_cores)
+                              z_s.dtype, tensor_cores, tf32)
     return (loss, ce, kl), grads
 
 
@@ -81,6 +81,22 @@ def test_emul_half_inputs(emulated, dtype, tensor_cores, n, d):
         assert_rel_close(got, ref, 1e-2, "grad")
     if not tensor_cores:  # theta's gradient is summed in fp32 / fp64 from fp32 products
         assert_rel_close(grads[2], w_grads[2], 1e-5, "grad theta")
+
+
+@pytest.mark.parametrize("n,d", [(45, 24), (70, 130)])
+def test_emul_float32_on_tf32_tensor_cores(emulated, n, d):
+    # With torch's TF32 setting on, float32 inputs take the tensor cores as TF32 (10-bit
+    # mantissas): the error of fp16 operands, far from fp32's.
+    z_s, z_t, th = make_inputs(n, d, torch.float32, seed=n)
+    (loss, _, _), grads = emulated_loss_and_grads(emulated, z_s.detach(), z_t.detach(),
+                                                  th.detach(), tf32=True)
+    (exact, _, _), _ = emulated_loss_and_grads(emulated, z_s.detach(), z_t.detach(),
+                                               th.detach(), tf32=False)
+    (want, _, _), w_grads = oracle(z_s, z_t, th)
+    assert_rel_close(loss, want, 3e-4, "loss")
+    assert not torch.equal(loss, exact)  # the TF32 path ran
+    for got, ref in zip(grads, w_grads):
+        assert_rel_close(got, ref, 3e-3, "grad")
 
 
 def test_emul_strided_inputs_and_upstream_parts(emulated):

@@ -19,6 +19,8 @@ struct StreamLaunch {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
     return major >= 8;
   }
+  // torch.backends.cuda.matmul.allow_tf32 (or a float32 matmul precision below "highest").
+  bool allow_tf32() const { return at::globalContext().allowTF32CuBLAS(); }
   template <typename Kernel, typename Params>
   void operator()(Kernel kernel, int64_t blocks, const Params& params) const {
     if (blocks == 0) return;

@@ -29,13 +29,19 @@ template <typename scalar_t>
 using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Calls body(Products{}) with the tile products for this input dtype: tensor cores for
-// fp16/bf16 where the launcher has them (sm_80+), CUDA-core FMAs otherwise. The forward and
-// the backward take the same decision, so the backward recomputes the forward's logits.
+// fp16/bf16 where the launcher has them (sm_80+), and for float32 as TF32 when torch's
+// TF32 setting for matmuls also allows it; CUDA-core FMAs otherwise. The backward takes
+// the forward's decision (unless the TF32 setting changes in between), so it recomputes the
+// forward's logits.
 template <typename scalar_t, typename Launch, typename Body>
 void with_tile_products(const Launch& launch, const Body& body) {
   using acc_t = acc_type_for<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (launch.tensor_cores()) return body(TensorCoreProducts<scalar_t>{});
+    if (launch.tensor_cores())
+      return body(TensorCoreProducts<typename TensorCoreOperandOf<scalar_t>::type>{});
+  } else if constexpr (std::is_same_v<scalar_t, float>) {
+    if (launch.tensor_cores() && launch.allow_tf32())
+      return body(TensorCoreProducts<Tf32Operand>{});
   }
   body(SimtProducts<acc_t>{});
 }

@@ -4,10 +4,12 @@
 //   gradient: dS_I += a G_IJ T_J,  dT_I += a G'_IJ S_J   (G, G' staged in shared memory)
 //
 // Two implementations with one interface, chosen by the kernels' Products parameter:
-//   SimtProducts<acc_t>          CUDA-core FMAs in acc_t (float32 and float64 inputs)
-//   TensorCoreProducts<scalar_t> WMMA 16x16x16 tiles (fp16 / bf16 inputs, sm_80+): the unit
-//                                rows and G are rounded to the input's 16-bit type, products
-//                                accumulate in float32
+//   SimtProducts<acc_t>          CUDA-core FMAs in acc_t (float64; float32 by default;
+//                                fp16/bf16 on GPUs older than sm_80)
+//   TensorCoreProducts<Operand>  WMMA tiles on sm_80+: fp16 and bf16 inputs (16x16x16), and
+//                                float32 inputs as TF32 (16x16x8) when torch allows TF32
+//                                matmuls. The unit rows and G are rounded to the operand
+//                                type; products accumulate in float32.
 // Each keeps its staging buffers in a Storage struct that the kernel declares __shared__.
 #pragma once
 
@@ -125,26 +127,61 @@ struct SimtProducts {
 };
 
 // ---------------------------------------------------------------------------------------
-// The 16-bit operand type of the tensor cores for an input dtype.
-template <typename scalar_t>
-struct TensorCoreOperand;
-template <>
-struct TensorCoreOperand<c10::Half> {
-  using type = __half;
-  __device__ static type from_float(float v) { return __float2half_rn(v); }
+// Tensor-core operands: the element type staged in shared memory, the WMMA fragment type,
+// the k of one mma and the staged row pitch (a multiple of 16 bytes that keeps every 16-row
+// and k-step offset 32-byte aligned).
+struct Fp16Operand {
+  using stored_t = __half;
+  using fragment_t = __half;
+  static constexpr int kK = 16, kPitch = 40;
+  __device__ static stored_t from_float(float v) { return __float2half_rn(v); }
 };
-template <>
-struct TensorCoreOperand<c10::BFloat16> {
-  using type = __nv_bfloat16;
-  __device__ static type from_float(float v) { return __float2bfloat16_rn(v); }
+struct Bf16Operand {
+  using stored_t = __nv_bfloat16;
+  using fragment_t = __nv_bfloat16;
+  static constexpr int kK = 16, kPitch = 40;
+  __device__ static stored_t from_float(float v) { return __float2bfloat16_rn(v); }
+};
+struct Tf32Operand {
+  using stored_t = float;
+#ifndef ICD_FAST_NO_TENSOR_CORES
+  using fragment_t = nvcuda::wmma::precision::tf32;
+#else
+  using fragment_t = float;
+#endif
+  static constexpr int kK = 8, kPitch = 36;
+  __device__ static stored_t from_float(float v) {
+#ifndef ICD_FAST_NO_TENSOR_CORES
+    return nvcuda::wmma::__float_to_tf32(v);
+#else
+    return v;
+#endif
+  }
 };
 
+// The tensor-core operand of an input dtype.
 template <typename scalar_t>
+struct TensorCoreOperandOf;
+template <>
+struct TensorCoreOperandOf<c10::Half> {
+  using type = Fp16Operand;
+};
+template <>
+struct TensorCoreOperandOf<c10::BFloat16> {
+  using type = Bf16Operand;
+};
+template <>
+struct TensorCoreOperandOf<float> {
+  using type = Tf32Operand;
+};
+
+template <typename Operand>
 struct TensorCoreProducts {
-  using operand_t = typename TensorCoreOperand<scalar_t>::type;
-  static constexpr int kChunk = 32;      // features per staging step: two k-steps of 16
-  static constexpr int kPitch = 40;      // operand row pitch: a multiple of 8 elements
-  static constexpr int kOutPitch = 36;   // float32 tile pitch: a multiple of 4 elements
+  using operand_t = typename Operand::stored_t;
+  using fragment_t = typename Operand::fragment_t;
+  static constexpr int kChunk = 32;  // features per staging step
+  static constexpr int kK = Operand::kK, kPitch = Operand::kPitch;
+  static constexpr int kOutPitch = 36;  // float32 tile pitch: a multiple of 4 elements
   // WMMA needs 32-byte aligned tile pointers: every 16-row and 16-column offset used below
   // keeps that for these pitches.
   struct Storage {
@@ -157,9 +194,7 @@ struct TensorCoreProducts {
     alignas(32) float out_x[Traits::kTileRows][kOutPitch];
     alignas(32) float out_y[Traits::kTileRows][kOutPitch];
   };
-  __device__ static operand_t to_operand(float v) {
-    return TensorCoreOperand<scalar_t>::from_float(v);
-  }
+  __device__ static operand_t to_operand(float v) { return Operand::from_float(v); }
 
   __device__ static void cosine(Storage& sm, const float* s, const float* t, int n, int d,
                                 int i0, int j0, float x[Traits::kColsPerThread],
@@ -170,7 +205,7 @@ struct TensorCoreProducts {
     namespace wmma = nvcuda::wmma;
     const int warp = threadIdx.x / 32, wi = 16 * (warp / 2), wj = 16 * (warp % 2);
     const auto round = [](float v) { return to_operand(v); };
-    wmma::fragment<wmma::accumulator, 16, 16, 16, float> fx, fy;
+    wmma::fragment<wmma::accumulator, 16, 16, kK, float> fx, fy;
     wmma::fill_fragment(fx, 0.f);
     wmma::fill_fragment(fy, 0.f);
     for (int c0 = 0; c0 < d; c0 += kChunk) {
@@ -179,10 +214,10 @@ struct TensorCoreProducts {
       stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, round);
       stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, round);
       __syncthreads();
-      for (int k = 0; k < kChunk; k += 16) {
+      for (int k = 0; k < kChunk; k += kK) {
         // X = S_I T_J^T and Y = T_I S_J^T: B[k][j] = T_J[j][k] is T_J read column-major.
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, operand_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, operand_t, wmma::col_major> b;
+        wmma::fragment<wmma::matrix_a, 16, 16, kK, fragment_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::col_major> b;
         wmma::load_matrix_sync(a, &sm.si[wi][k], kPitch);
         wmma::load_matrix_sync(b, &sm.tj[wj][k], kPitch);
         wmma::mma_sync(fx, a, b, fx);
@@ -218,13 +253,13 @@ struct TensorCoreProducts {
       stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, round);
       stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, round);
       __syncthreads();
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> fs, ft;
+      wmma::fragment<wmma::accumulator, 16, 16, kK, float> fs, ft;
       wmma::fill_fragment(fs, 0.f);
       wmma::fill_fragment(ft, 0.f);
-      for (int k = 0; k < Traits::kTileRows; k += 16) {
+      for (int k = 0; k < Traits::kTileRows; k += kK) {
         // (G_IJ T_J)[i][c] = sum_j G[i][j] T_J[j][c]: B is T_J read row-major.
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, operand_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, operand_t, wmma::row_major> b;
+        wmma::fragment<wmma::matrix_a, 16, 16, kK, fragment_t, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::row_major> b;
         wmma::load_matrix_sync(a, &sm.gx[wi][k], kPitch);
         wmma::load_matrix_sync(b, &sm.tj[k][wc], kPitch);
         wmma::mma_sync(fs, a, b, fs);

@@ -12,10 +12,10 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -93,9 +93,11 @@ inline __half __float2half_rn(float v) { return __half(v); }
 inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
 
 namespace cuda_emulation {
-[[noreturn]] inline void wmma_misuse(const char* what) {
-  std::fprintf(stderr, "emulated wmma: %s\n", what);
-  std::abort();
+// A misuse of the emulated API is recorded (the kernel runs on) and launch() throws it.
+inline std::atomic<const char*> misuse{nullptr};
+inline void wmma_misuse(const char* what) {
+  const char* none = nullptr;
+  misuse.compare_exchange_strong(none, what);
 }
 }  // namespace cuda_emulation
 
@@ -110,12 +112,29 @@ struct accumulator {};
 struct row_major {};
 struct col_major {};
 enum layout_t { mem_row_major, mem_col_major };
+namespace precision {
+struct tf32 {};  // operands read as float, of which the tensor cores use 10 mantissa bits
+}  // namespace precision
+
+// cvt.rna.tf32.f32: round to 10 mantissa bits, ties away from zero.
+inline float __float_to_tf32(float v) {
+  if (!std::isfinite(v)) return v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  bits = (bits + 0x1000u) & ~0x1FFFu;
+  std::memcpy(&v, &bits, sizeof bits);
+  return v;
+}
 
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment {
+  static_assert(std::is_same_v<Use, accumulator> || M != 16 || N != 16 ||
+                    (std::is_same_v<T, precision::tf32> ? K == 8 : K == 16),
+                "WMMA shapes: m16n16k16 for 16-bit operands, m16n16k8 for tf32");
+  using element_t = std::conditional_t<std::is_same_v<T, precision::tf32>, float, T>;
   static constexpr int kRows = std::is_same_v<Use, matrix_b> ? K : M;
   static constexpr int kCols = std::is_same_v<Use, matrix_a> ? K : N;
-  T v[kRows][kCols];
+  element_t v[kRows][kCols];
 };
 
 template <typename T>
@@ -127,7 +146,9 @@ void check_tile_pointer(const T* p, unsigned int ldm) {
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
-void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f, const T* p, unsigned int ldm) {
+void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
+                      const typename fragment<Use, M, N, K, T, Layout>::element_t* p,
+                      unsigned int ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "this emulation loads operands only");
   check_tile_pointer(p, ldm);
   using F = fragment<Use, M, N, K, T, Layout>;
@@ -147,6 +168,16 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d,
               const fragment<matrix_a, M, N, K, Tab, LayoutA>& a,
               const fragment<matrix_b, M, N, K, Tab, LayoutB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
+  if constexpr (std::is_same_v<Tab, precision::tf32>) {  // the hardware ignores the low bits
+    const auto check = [](const auto& tile) {
+      for (const auto& row : tile)
+        for (float x : row)
+          if (__float_to_tf32(x) != x)
+            cuda_emulation::wmma_misuse("tf32 operand not rounded with __float_to_tf32");
+    };
+    check(a.v);
+    check(b.v);
+  }
   fragment<accumulator, M, N, K, float> out;
   for (int i = 0; i < M; ++i)
     for (int j = 0; j < N; ++j) {
@@ -190,6 +221,8 @@ void launch(unsigned int grid, unsigned int threads, const Body& body) {
     for (auto& w : workers) w.join();
     current_block = nullptr;
   }
+  if (const char* what = misuse.exchange(nullptr))
+    throw std::runtime_error(std::string("emulated CUDA kernel misused the WMMA API: ") + what);
 }
 
 }  // namespace cuda_emulation
