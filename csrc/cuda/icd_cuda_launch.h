@@ -84,7 +84,7 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
   at::Tensor row_lse = at::empty({n}, acc), col_lse = at::empty({n}, acc),
              row_kl = at::empty({n}, acc), row_ce = at::empty({n}, acc);
   at::Tensor loss = at::empty({}, acc), ce = at::empty({}, acc), kl = at::empty({}, acc);
-  at::Tensor blocks_done = at::zeros({1}, z_s.options().dtype(at::kInt));
+  at::Tensor blocks_done = at::empty({1}, z_s.options().dtype(at::kInt));
   const at::Tensor scale = log_scale.to(acc.dtype()).contiguous();
 
   ICD_DISPATCH_KERNEL_TYPES(z_s.scalar_type(), "icd_forward_cuda", [&] {
@@ -92,7 +92,8 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
     NormalizeParams<acc_t> np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
                               z_t.stride(0), z_t.stride(1), static_cast<int>(n),
                               static_cast<int>(d), unit.data_ptr<acc_t>(),
-                              norms.data_ptr<acc_t>()};
+                              norms.data_ptr<acc_t>(),
+                              reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
     launch(normalize_kernel<scalar_t, acc_t>, blocks_for(2 * n, Traits::kNormRowsPerBlock), np);
     ForwardParams<acc_t> fp{unit.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
                             static_cast<acc_t>(alpha), static_cast<acc_t>(max_scale),

@@ -28,6 +28,7 @@ struct NormalizeParams {
   int n, d;
   acc_t* unit;   // (2, n, d): [s; t]
   acc_t* norms;  // (2, n)
+  unsigned int* forward_blocks_done;  // cleared here, so the forward needs no memset launch
 };
 
 template <typename acc_t>
@@ -43,7 +44,7 @@ struct ForwardParams {
   acc_t* loss;
   acc_t* ce;
   acc_t* kl;
-  unsigned int* blocks_done;  // zero before the launch
+  unsigned int* blocks_done;  // zero before the launch (normalize_kernel clears it)
 };
 
 template <typename acc_t>
@@ -86,6 +87,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams<acc_t> p) {
   const int lane = threadIdx.x % 32;
   const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;  // 0 .. 2n-1
+  if (blockIdx.x == 0 && threadIdx.x == 0) *p.forward_blocks_done = 0;
   const bool active = row < 2 * p.n;
   const int side = active ? row / p.n : 0;
   const int i = active ? row % p.n : 0;
