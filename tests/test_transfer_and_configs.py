@@ -82,3 +82,22 @@ def test_a_transfer_config_runs_end_to_end_from_one_command(tmp_path, no_md5, ca
     assert main(command) == 0
     assert (teacher_run / "last.pt").stat().st_mtime_ns == stamp
     assert main(["run", "cifar100/resnet56-resnet21/icd"]) == 2
+
+
+@pytest.mark.parametrize("pair", sorted({(c.teacher, c.student, c.dataset)
+                                         for c in CONFIGS.values()}), ids=str)
+def test_every_table_pair_takes_an_icd_kd_step(pair):
+    from train.distillers import build_distiller
+
+    teacher_name, student_name, dataset = pair
+    classes, size = (100, 32) if dataset == "cifar100" else (1000, 64)
+    torch.manual_seed(0)
+    distiller = build_distiller("icd_kd", build_model(student_name, classes),
+                                build_model(teacher_name, classes))
+    distiller.train()
+    logits, losses = distiller(torch.randn(4, 3, size, size), torch.randint(0, classes, (4,)))
+    assert logits.shape == (4, classes) and set(losses) == {"ce", "kd", "icd"}
+    sum(losses.values()).backward()
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert distiller.criterion.log_scale.grad is not None
+    assert all(p.grad is None for p in distiller.teacher.parameters())
