@@ -74,7 +74,9 @@ def test_a_transfer_config_runs_end_to_end_from_one_command(tmp_path, no_md5, ca
     out = capsys.readouterr().out
     teacher_run = tmp_path / "runs" / "cifar100" / "teacher-wrn_40_2"
     assert (teacher_run / "best.pt").exists()  # trained first, as no checkpoint existed
-    assert (tmp_path / "runs" / "transfer__wrn_40_2-wrn_16_2__icd_kd" / "best.pt").exists()
+    student_run = tmp_path / "runs" / "transfer__wrn_40_2-wrn_16_2__icd_kd__seed0"
+    assert (student_run / "best.pt").exists()
+    assert {"probe-stl10.json", "probe-tiny-imagenet.json"} <= {p.name for p in student_run.iterdir()}
     assert "icd_kd wrn_16_2: epoch 0" in out
     assert "on stl10" in out and "on tiny-imagenet" in out
     # Run again: both stages resume from their finished checkpoints and train nothing more.
@@ -82,6 +84,26 @@ def test_a_transfer_config_runs_end_to_end_from_one_command(tmp_path, no_md5, ca
     assert main(command) == 0
     assert (teacher_run / "last.pt").stat().st_mtime_ns == stamp
     assert main(["run", "cifar100/resnet56-resnet21/icd"]) == 2
+    assert main(["results", "--runs", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "| wrn_40_2 -> wrn_16_2 | " in table and "icd_kd stl10" in table
+
+
+def test_results_average_the_seeds_of_each_config(tmp_path, capsys):
+    def finished_run(name, seed, accuracies):
+        folder = tmp_path / f"{name}__seed{seed}"
+        folder.mkdir()
+        rows = "\n".join(f"{e},{a},0.05" for e, a in enumerate(accuracies))
+        (folder / "log.csv").write_text(f"epoch,test_acc,lr\n{rows}\n")
+    finished_run("cifar100__resnet56-resnet20__icd_kd", 0, [50.0, 70.0])
+    finished_run("cifar100__resnet56-resnet20__icd_kd", 1, [40.0, 72.0])
+    finished_run("cifar100__resnet56-resnet20__kd", 0, [69.5])
+    finished_run("cifar100__resnet56-resnet20__icd", 3, [])  # started, no epoch finished
+    assert main(["results", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    # Final epochs 70 and 72: mean 71, sample std sqrt(2) = 1.41.
+    assert "| kd | icd_kd |" in out
+    assert "| resnet56 -> resnet20 | 69.50 +- 0.00 (1) | 71.00 +- 1.41 (2) |" in out
 
 
 @pytest.mark.parametrize("pair", sorted({(c.teacher, c.student, c.dataset)

@@ -10,6 +10,7 @@
     configs        list the configs, one per row of the paper's tables and method
     run            run one config: the teacher (trained first when its checkpoint is
                    missing), the student, and for transfer configs the linear probes
+    results        the tables, from the finished runs (mean +- std over seeds)
 
 Data sets: cifar100, cifar10 (--data ROOT, --download), imagenet, tiny-imagenet (image
 folders under --data), digits (embedded, offline). Recipes (overridable): CIFAR 240 epochs,
@@ -23,6 +24,8 @@ Multi-GPU / multi-node: start train-teacher, distill or run under torchrun (e.g.
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import statistics
 import sys
 import time
@@ -31,7 +34,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, engine
-from .configs import CONFIGS, TABLES, get_config
+from .configs import CONFIGS, METHODS as METHOD_ORDER, TABLES, get_config
 from .data.digits import IN_CHANNELS, NUM_CLASSES, digits_datasets, stratified_subset
 from .distillers import DISTILLERS, build_distiller
 from .models import build_model
@@ -240,12 +243,72 @@ def run_config(args) -> int:
             run_training(args, "vanilla", config.teacher, data, ckpt.parent,
                          epochs=args.teacher_epochs, resume=True)
         teacher = load_teacher(config.teacher, ckpt, data[2], data[3])
-    out = runs / config.name.replace("/", "__") if args.out is None else Path(args.out)
+    out = Path(args.out) if args.out else runs / run_folder_name(config.name, args.seed)
     run_training(args, config.method, config.student, data, out, teacher, resume=True)
     for transfer_set in config.transfer_sets:
         root = args.stl10_data if transfer_set == "stl10" else args.tiny_imagenet_data
-        probe(config.student, out / "best.pt", transfer_set, root, args)
+        accuracy = probe(config.student, out / "best.pt", transfer_set, root, args)
+        if distributed.is_main():
+            (out / f"probe-{transfer_set}.json").write_text(json.dumps(
+                {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": "best.pt"}))
     return 0
+
+
+def run_folder_name(config_name: str, seed: int) -> str:
+    return f"{config_name.replace('/', '__')}__seed{seed}"
+
+
+def results_command(args) -> int:
+    """The paper's tables from the run folders of `run`: final test top-1, mean +- std over
+    seeds, one row per teacher/student pair, one column per method."""
+    print(results_tables(Path(args.runs)))
+    return 0
+
+
+def results_tables(runs: Path) -> str:
+    cells = {}  # (table, pair, column) -> accuracies over seeds
+    for config in CONFIGS.values():
+        for folder in sorted(runs.glob(run_folder_name(config.name, 0)[:-1] + "*")):
+            log = folder / "log.csv"
+            if not log.exists():
+                continue
+            with open(log) as f:
+                rows = list(csv.DictReader(f))
+            if not rows:
+                continue
+            pair = f"{config.teacher} -> {config.student}"
+            columns = {config.method: float(rows[-1]["test_acc"])}
+            for transfer_set in config.transfer_sets:
+                probe_file = folder / f"probe-{transfer_set}.json"
+                if probe_file.exists():
+                    columns[f"{config.method} {transfer_set}"] = json.loads(
+                        probe_file.read_text())["test_acc"]
+            for column, accuracy in columns.items():
+                cells.setdefault((config.table, pair, column), []).append(accuracy)
+    if not cells:
+        return f"no finished runs under {runs}"
+    lines = []
+    for table in TABLES:
+        keys = [k for k in cells if k[0] == table]
+        if not keys:
+            continue
+        columns = sorted({k[2] for k in keys}, key=lambda c: (
+            METHOD_ORDER.index(c.split()[0]), c))
+        pairs = list(dict.fromkeys(k[1] for k in keys))
+        lines += [f"\n{table} (final test top-1 %, mean +- std over seeds)\n",
+                  "| teacher -> student | " + " | ".join(columns) + " |",
+                  "|---" * (len(columns) + 1) + "|"]
+        for pair in pairs:
+            row = []
+            for column in columns:
+                accs = cells.get((table, pair, column))
+                if not accs:
+                    row.append("-")
+                    continue
+                std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+                row.append(f"{statistics.mean(accs):.2f} +- {std:.2f} ({len(accs)})")
+            lines.append(f"| {pair} | " + " | ".join(row) + " |")
+    return "\n".join(lines).lstrip("\n")
 
 
 def demo(args) -> int:
@@ -388,6 +451,9 @@ def main(argv=None) -> int:
     r.add_argument("--tiny-imagenet-data", default="./data/tiny-imagenet-200",
                    help="Tiny-ImageNet image folders (transfer configs)")
     r.set_defaults(run=run_config, resume=True)
+    res = sub.add_parser("results", help="the paper's tables from the runs of `run`")
+    res.add_argument("--runs", default="./runs")
+    res.set_defaults(run=results_command)
     args = parser.parse_args(argv)
     try:
         status = args.run(args)
