@@ -1,5 +1,8 @@
 import sys
 
 from .cli import main
+from .distributed import exit_process
 
-sys.exit(main())
+status = main()
+exit_process(status)
+sys.exit(status)

@@ -9,6 +9,7 @@ of the gradient back to it.
 from __future__ import annotations
 
 import os
+import sys
 from datetime import timedelta
 from typing import List
 
@@ -56,6 +57,23 @@ def shutdown(wait_for_all: bool = True) -> None:
         if wait_for_all and dist.get_world_size() > 1:
             dist.barrier()
         dist.destroy_process_group()
+
+
+def exit_process(status: int) -> None:
+    """Ends a process that torchrun started (WORLD_SIZE > 1) right away, after flushing its
+    output, skipping the interpreter's finalisation; returns for any other process.
+
+    Now and then (3 of about 60 torchrun launches on a 2-core machine) a gloo worker aborted
+    while the interpreter was finalising ("terminate called without an active exception",
+    no Python frame left), after its work was done and its process group destroyed: a
+    torch-internal thread outliving the interpreter. Skipping finalisation avoids it; every
+    file this application writes is complete (flushed and renamed) before this point.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def barrier() -> None:

@@ -45,6 +45,7 @@ def main(out: str, method: str) -> None:
                     "initial": initial, "log_scale": distiller.criterion.log_scale.detach().clone()},
                    Path(out) / "result.pt")
     distributed.shutdown()
+    distributed.exit_process(0)
 
 
 if __name__ == "__main__":
