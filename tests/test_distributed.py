@@ -15,7 +15,9 @@ WORKER = ROOT / "tests" / "distributed" / "fit_worker.py"
 
 
 def torchrun(*args, procs=2, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"}
+    # faulthandler: a worker that aborts prints every thread's stack.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "PYTHONFAULTHANDLER": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={procs}", *map(str, args)]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
