@@ -254,7 +254,8 @@ def run_config(args) -> int:
     return 0
 
 
-def run_folder_name(config_name: str, seed: int) -> str:
+def run_folder_name(config_name: str, seed) -> str:
+    """The run folder of a config and seed (seed "*" gives the glob of all its seeds)."""
     return f"{config_name.replace('/', '__')}__seed{seed}"
 
 
@@ -268,7 +269,7 @@ def results_command(args) -> int:
 def results_tables(runs: Path) -> str:
     cells = {}  # (table, pair, column) -> accuracies over seeds
     for config in CONFIGS.values():
-        for folder in sorted(runs.glob(run_folder_name(config.name, 0)[:-1] + "*")):
+        for folder in sorted(runs.glob(run_folder_name(config.name, "*"))):
             log = folder / "log.csv"
             if not log.exists():
                 continue

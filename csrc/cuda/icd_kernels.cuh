@@ -146,7 +146,7 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   const int n = p.n, d = p.d;
   const acc_t* s = p.unit;
   const acc_t* t = p.unit + static_cast<int64_t>(n) * d;
-  const int row = threadIdx.x / Traits::kThreadsPerRow, q = threadIdx.x % Traits::kThreadsPerRow;
+  const auto [row, q] = thread_place();
   const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(*p.log_scale, p.max_scale));
   // Start the shifts at kappa (no rescaling ever needed below kFixedShiftMaxScale).
@@ -226,7 +226,7 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   const acc_t* s = p.unit;
   const acc_t* t = p.unit + static_cast<int64_t>(n) * d;
   const int tid = threadIdx.x;
-  const int row = tid / Traits::kThreadsPerRow, q = tid % Traits::kThreadsPerRow;
+  const auto [row, q] = thread_place();
   const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
   const double log_scale = *p.log_scale;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(log_scale, p.max_scale));
