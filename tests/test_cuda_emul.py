@@ -144,3 +144,22 @@ def test_emul_repeats_bit_for_bit(emulated):
     second = emulated_loss_and_grads(emulated, z_s, z_t, th)
     for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1])):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_emul_backward_reads_unaligned_saved_rows(emulated, dtype):
+    # The kernels read rows in 16-byte packs only where every row starts 16-byte aligned; a
+    # saved `unit` handed to the op at an odd element offset must take the scalar reads (a
+    # pack read there is a misaligned-address fault on a GPU, reported by the emulation).
+    n, d = 37, 8  # d a whole number of packs, so only the pointer decides
+    z_s, z_t, th = make_inputs(n, d, dtype, seed=5, requires_grad=False)
+    loss, ce, kl, r, c, k, unit, norms = emulated.forward(z_s, z_t, th, 0.5, 10.0)
+    shifted = torch.empty(unit.numel() + 1, dtype=dtype)[1:].view_as(unit)
+    shifted.copy_(unit)
+    assert shifted.data_ptr() % 16 != 0 and shifted.is_contiguous()
+    want = emulated.backward(torch.tensor(1.0), None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                             dtype)
+    got = emulated.backward(torch.tensor(1.0), None, None, shifted, norms, th, r, c, k, 0.5, 10.0,
+                            dtype)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)

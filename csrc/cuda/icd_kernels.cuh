@@ -208,6 +208,21 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   }
 }
 
+// out[k] = (first ? 0 : out[k]) + a * sum.v[k] for the k < min(kSize, left) features of a
+// pack; one 16-byte read and write where the rows are packable (then left >= kSize).
+template <typename acc_t>
+__device__ __forceinline__ void accumulate_pack(acc_t* out, const Pack16<acc_t>& sum, acc_t a,
+                                                bool first, int left, bool packed) {
+  if (packed) {
+    Pack16<acc_t> v = first ? Pack16<acc_t>{} : load_pack(out);
+    for (int k = 0; k < Pack16<acc_t>::kSize; ++k) v.v[k] += a * sum.v[k];
+    store_pack(out, v);
+    return;
+  }
+  for (int k = 0; k < Pack16<acc_t>::kSize && k < left; ++k)
+    out[k] = (first ? acc_t(0) : out[k]) + a * sum.v[k];
+}
+
 template <typename T, typename acc_t>
 __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
   static_cast<T*>(base)[index] = static_cast<T>(v);
@@ -217,7 +232,7 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
 // The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
 // for the block's rows, then back through the normalisation, and (last block) d theta.
 template <typename Products, typename out_t, typename acc_t>
-__global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
+__global__ void __launch_bounds__(Traits::kThreads, Products::kBackwardMinBlocksPerSm) backward_kernel(BackwardParams<acc_t> p) {
   __shared__ typename Products::Storage tiles;
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
@@ -238,6 +253,8 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
   const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
   double dkappa = 0;
+
+  const bool packed_grads = rows_packable(p.ds, d) && rows_packable(p.dt, d);
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
@@ -261,11 +278,12 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
     }
     __syncthreads();
     // The first column block writes dS and dT, the others add: no zeroing launch needed.
-    Products::gradient(tiles, s, t, n, d, j0, [&](int col, acc_t sum_s, acc_t sum_t) {
+    Products::gradient(tiles, s, t, n, d, j0,
+                       [&](int col, const Pack16<acc_t>& sum_s, const Pack16<acc_t>& sum_t) {
       if (!row_ok || col >= d) return;
       const int64_t at = static_cast<int64_t>(i) * d + col;
-      p.ds[at] = (j0 == 0 ? acc_t(0) : p.ds[at]) + a * sum_s;
-      p.dt[at] = (j0 == 0 ? acc_t(0) : p.dt[at]) + a * sum_t;
+      accumulate_pack(p.ds + at, sum_s, a, j0 == 0, d - col, packed_grads);
+      accumulate_pack(p.dt + at, sum_t, a, j0 == 0, d - col, packed_grads);
     });
   }
 

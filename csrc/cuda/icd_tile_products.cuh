@@ -1,7 +1,8 @@
 // The products of the ICD kernels, for one block's 32 rows I against 32 columns J:
 //
 //   cosine:   x[m] = <s_i, t_j>,  y[m] = <t_i, s_j>   (this thread's row i, columns j)
-//   gradient: dS_I += a G_IJ T_J,  dT_I += a G'_IJ S_J   (G, G' staged in shared memory)
+//   gradient: (G_IJ T_J)[i, c], (G'_IJ S_J)[i, c]  (G, G' staged in shared memory), handed
+//             to the kernel in packs of consecutive features c of this thread's row i
 //
 // Two implementations with one interface, chosen by the kernels' Products parameter:
 //   SimtProducts<acc_t>          CUDA-core FMAs in acc_t (float64; float32 by default;
@@ -50,11 +51,59 @@ __device__ __forceinline__ ThreadPlace thread_place() {
           static_cast<int>(threadIdx.x) % Traits::kThreadsPerRow};
 }
 
+// Up to 16 bytes of consecutive elements, read or written as one LDS.128 / LDG.128 (a
+// quarter of the load instructions of scalar code, which is what bounds the CUDA-core
+// products). The address must be 16-byte aligned: tiles keep row pitches of a multiple of
+// 16 bytes, and global rows are read this way only when rows_packable() says so.
+template <typename T>
+struct alignas(16) Pack16 {
+  static constexpr int kSize = 16 / sizeof(T);
+  T v[kSize];
+};
+
+// The emulation in tests/ defines this to report a misaligned vector access, which on a GPU
+// is a "misaligned address" fault.
+#ifndef ICD_FAST_CHECK_PACK_ALIGNMENT
+#define ICD_FAST_CHECK_PACK_ALIGNMENT(pointer)
+#endif
+
+template <typename T>
+__device__ __forceinline__ Pack16<T> load_pack(const T* p) {
+  ICD_FAST_CHECK_PACK_ALIGNMENT(p);
+  return *reinterpret_cast<const Pack16<T>*>(p);
+}
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const Pack16<T>& v) {
+  ICD_FAST_CHECK_PACK_ALIGNMENT(p);
+  *reinterpret_cast<Pack16<T>*>(p) = v;
+}
+
+// Whether every row of a (rows, d) matrix at `base` starts on a 16-byte boundary, so that
+// packs of 16 / sizeof(T) features can be read from it.
+template <typename T>
+__device__ __forceinline__ bool rows_packable(const T* base, int d) {
+  return d % Pack16<T>::kSize == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0;
+}
+
 // Copies rows [r0, r0 + 32) x features [c0, c0 + kChunk) of a (n, d) matrix into a shared
-// tile, converted by `convert`, zero outside the matrix.
+// tile, converted by `convert`, zero outside the matrix. Reads packs where the rows allow.
 template <int kChunk, typename tile_t, typename src_t, typename Convert>
 __device__ __forceinline__ void stage_rows(tile_t* tile, int pitch, const src_t* rows, int n,
                                            int d, int r0, int c0, Convert convert) {
+  using Pack = Pack16<src_t>;
+  static_assert(kChunk % Pack::kSize == 0, "a staged chunk is a whole number of packs");
+  if (rows_packable(rows, d)) {
+    // Packs never straddle d here: d and c0 are multiples of the pack size.
+    constexpr int kPacksPerRow = kChunk / Pack::kSize;
+    for (int e = threadIdx.x; e < Traits::kTileRows * kPacksPerRow; e += Traits::kThreads) {
+      const int r = e / kPacksPerRow, c = (e % kPacksPerRow) * Pack::kSize;
+      const int gr = r0 + r, col = c0 + c;
+      Pack pack{};
+      if (gr < n && col < d) pack = load_pack(rows + static_cast<int64_t>(gr) * d + col);
+      for (int k = 0; k < Pack::kSize; ++k) tile[r * pitch + c + k] = convert(pack.v[k]);
+    }
+    return;
+  }
   for (int e = threadIdx.x; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
     const int r = e / kChunk, c = e % kChunk, gr = r0 + r, col = c0 + c;
     tile[r * pitch + c] =
@@ -66,14 +115,27 @@ __device__ __forceinline__ void stage_rows(tile_t* tile, int pitch, const src_t*
 template <typename acc_t>
 struct SimtProducts {
   using operand_t = acc_t;  // the dtype of the staged G tiles
+  using Pack = Pack16<acc_t>;
+  static constexpr int kVec = Pack::kSize;
   // 16 features per step in double keeps the backward's shared memory under 48 KB.
   static constexpr int kChunk = sizeof(acc_t) == 8 ? 16 : 32;
-  static constexpr int kPitch = kChunk + 1;
+  // Pitches of kVec past a whole row keep every pack 16-byte aligned, and the rows that one
+  // warp reads at once (8 rows i; 4 rows j) on distinct banks.
+  static constexpr int kPitch = kChunk + kVec;
+  static constexpr int kGPitch = Traits::kTileRows + kVec;
+  // gradient(): each thread's features of a chunk, as packs kVec (q + 4 g) for g < kGroups.
+  static constexpr int kGroups = kChunk / (Traits::kThreadsPerRow * kVec);
+  static_assert(kGroups >= 1 && kChunk % (Traits::kThreadsPerRow * kVec) == 0);
+  // The backward kernel's __launch_bounds__ occupancy hint; 0 is none (ptxas's own choice,
+  // no spills).
+  static constexpr int kBackwardMinBlocksPerSm = 0;
   struct Storage {
-    acc_t si[Traits::kTileRows][kPitch], ti[Traits::kTileRows][kPitch];
-    acc_t sj[Traits::kTileRows][kPitch], tj[Traits::kTileRows][kPitch];
-    acc_t gx[Traits::kTileRows][Traits::kTileRows + 1];  // G_ij
-    acc_t gy[Traits::kTileRows][Traits::kTileRows + 1];  // G'_ij = G_ji
+    alignas(16) acc_t si[Traits::kTileRows][kPitch];
+    alignas(16) acc_t ti[Traits::kTileRows][kPitch];
+    alignas(16) acc_t sj[Traits::kTileRows][kPitch];
+    alignas(16) acc_t tj[Traits::kTileRows][kPitch];
+    alignas(16) acc_t gx[Traits::kTileRows][kGPitch];  // G_ij
+    alignas(16) acc_t gy[Traits::kTileRows][kGPitch];  // G'_ij = G_ji
   };
   __device__ static acc_t to_operand(acc_t v) { return v; }
 
@@ -89,20 +151,23 @@ struct SimtProducts {
       stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
       stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
       __syncthreads();
-      for (int c = 0; c < kChunk; ++c) {
-        const acc_t a = sm.si[at.row][c], b = sm.ti[at.row][c];
+      for (int c = 0; c < kChunk; c += kVec) {
+        const Pack a = load_pack(&sm.si[at.row][c]), b = load_pack(&sm.ti[at.row][c]);
         for (int m = 0; m < Traits::kColsPerThread; ++m) {
           const int jj = at.q + Traits::kThreadsPerRow * m;
-          x[m] += a * sm.tj[jj][c];
-          y[m] += b * sm.sj[jj][c];
+          const Pack tj = load_pack(&sm.tj[jj][c]), sj = load_pack(&sm.sj[jj][c]);
+          for (int k = 0; k < kVec; ++k) {
+            x[m] += a.v[k] * tj.v[k];
+            y[m] += b.v[k] * sj.v[k];
+          }
         }
       }
       __syncthreads();
     }
   }
 
-  // Calls emit(feature, gs, gt) for this thread's features of each chunk, with
-  // gs = (G_IJ T_J)[row, feature] and gt = (G'_IJ S_J)[row, feature].
+  // Calls emit(feature, gs, gt) for each pack of this thread's features of each chunk, with
+  // gs = (G_IJ T_J)[row, feature + k] and gt = (G'_IJ S_J)[row, feature + k], k < kVec.
   template <typename Emit>
   __device__ static void gradient(Storage& sm, const acc_t* s, const acc_t* t, int n, int d,
                                   int j0, Emit emit) {
@@ -112,15 +177,21 @@ struct SimtProducts {
       stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
       stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
       __syncthreads();
-      for (int m = 0; m < kChunk / Traits::kThreadsPerRow; ++m) {
-        const int c = at.q + Traits::kThreadsPerRow * m;
-        acc_t sum_s = 0, sum_t = 0;
-        for (int jj = 0; jj < Traits::kTileRows; ++jj) {
-          sum_s += sm.gx[at.row][jj] * sm.tj[jj][c];
-          sum_t += sm.gy[at.row][jj] * sm.sj[jj][c];
-        }
-        emit(c0 + c, sum_s, sum_t);
+      Pack sum_s[kGroups] = {}, sum_t[kGroups] = {};
+      for (int j = 0; j < Traits::kTileRows; j += kVec) {
+        const Pack gs = load_pack(&sm.gx[at.row][j]), gt = load_pack(&sm.gy[at.row][j]);
+        for (int k = 0; k < kVec; ++k)
+          for (int g = 0; g < kGroups; ++g) {
+            const int c = kVec * (at.q + Traits::kThreadsPerRow * g);
+            const Pack tj = load_pack(&sm.tj[j + k][c]), sj = load_pack(&sm.sj[j + k][c]);
+            for (int e = 0; e < kVec; ++e) {
+              sum_s[g].v[e] += gs.v[k] * tj.v[e];
+              sum_t[g].v[e] += gt.v[k] * sj.v[e];
+            }
+          }
       }
+      for (int g = 0; g < kGroups; ++g)
+        emit(c0 + kVec * (at.q + Traits::kThreadsPerRow * g), sum_s[g], sum_t[g]);
       __syncthreads();
     }
   }
@@ -128,18 +199,21 @@ struct SimtProducts {
 
 // ---------------------------------------------------------------------------------------
 // Tensor-core operands: the element type staged in shared memory, the WMMA fragment type,
-// the k of one mma and the staged row pitch (a multiple of 16 bytes that keeps every 16-row
-// and k-step offset 32-byte aligned).
+// the k of one mma, the staged row pitch (a multiple of 16 bytes that keeps every 16-row
+// and k-step offset 32-byte aligned) and the backward's occupancy hint (0: none).
 struct Fp16Operand {
   using stored_t = __half;
   using fragment_t = __half;
   static constexpr int kK = 16, kPitch = 40;
+  // Without a hint ptxas (CUDA 13, sm_90) fits this backward into 64 registers at the cost
+  // of a spill in its column-block loop; with 2 it takes ~100 and spills nothing.
+  static constexpr int kBackwardMinBlocksPerSm = 2;
   __device__ static stored_t from_float(float v) { return __float2half_rn(v); }
 };
 struct Bf16Operand {
   using stored_t = __nv_bfloat16;
   using fragment_t = __nv_bfloat16;
-  static constexpr int kK = 16, kPitch = 40;
+  static constexpr int kK = 16, kPitch = 40, kBackwardMinBlocksPerSm = 0;
   __device__ static stored_t from_float(float v) { return __float2bfloat16_rn(v); }
 };
 struct Tf32Operand {
@@ -149,7 +223,7 @@ struct Tf32Operand {
 #else
   using fragment_t = float;
 #endif
-  static constexpr int kK = 8, kPitch = 36;
+  static constexpr int kK = 8, kPitch = 36, kBackwardMinBlocksPerSm = 0;
   __device__ static stored_t from_float(float v) {
 #ifndef ICD_FAST_NO_TENSOR_CORES
     return nvcuda::wmma::__float_to_tf32(v);
@@ -182,6 +256,7 @@ struct TensorCoreProducts {
   static constexpr int kChunk = 32;  // features per staging step
   static constexpr int kK = Operand::kK, kPitch = Operand::kPitch;
   static constexpr int kOutPitch = 36;  // float32 tile pitch: a multiple of 4 elements
+  static constexpr int kBackwardMinBlocksPerSm = Operand::kBackwardMinBlocksPerSm;
   // WMMA needs 32-byte aligned tile pointers: every 16-row and 16-column offset used below
   // keeps that for these pitches.
   struct Storage {
@@ -270,9 +345,10 @@ struct TensorCoreProducts {
       wmma::store_matrix_sync(&sm.out_x[wi][wc], fs, kOutPitch, wmma::mem_row_major);
       wmma::store_matrix_sync(&sm.out_y[wi][wc], ft, kOutPitch, wmma::mem_row_major);
       __syncthreads();
-      for (int m = 0; m < kChunk / Traits::kThreadsPerRow; ++m) {
-        const int c = at.q + Traits::kThreadsPerRow * m;
-        emit(c0 + c, sm.out_x[at.row][c], sm.out_y[at.row][c]);
+      using Pack = Pack16<float>;
+      for (int g = 0; g < kChunk / (Traits::kThreadsPerRow * Pack::kSize); ++g) {
+        const int c = Pack::kSize * (at.q + Traits::kThreadsPerRow * g);
+        emit(c0 + c, load_pack(&sm.out_x[at.row][c]), load_pack(&sm.out_y[at.row][c]));
       }
       __syncthreads();
     }

@@ -95,11 +95,19 @@ inline __nv_bfloat16 __float2bfloat16_rn(float v) { return __nv_bfloat16(v); }
 namespace cuda_emulation {
 // A misuse of the emulated API is recorded (the kernel runs on) and launch() throws it.
 inline std::atomic<const char*> misuse{nullptr};
-inline void wmma_misuse(const char* what) {
+inline void report_misuse(const char* what) {
   const char* none = nullptr;
   misuse.compare_exchange_strong(none, what);
 }
 }  // namespace cuda_emulation
+
+// A 16-byte vector load or store (the kernels' Pack16) faults on a GPU unless its address is
+// 16-byte aligned; the host would not notice, so it is checked here.
+#define ICD_FAST_CHECK_PACK_ALIGNMENT(pointer)                                            \
+  do {                                                                                    \
+    if (reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0)                              \
+      cuda_emulation::report_misuse("16-byte vector access at a misaligned address");     \
+  } while (0)
 
 // Warp-level matrix multiply-accumulate. Each emulated thread holds the whole tile in its
 // fragment (the hardware spreads it over the warp in an unspecified layout, which correct
@@ -140,9 +148,9 @@ struct fragment {
 template <typename T>
 void check_tile_pointer(const T* p, unsigned int ldm) {
   if (reinterpret_cast<std::uintptr_t>(p) % 32 != 0)
-    cuda_emulation::wmma_misuse("tile pointer not 256-bit aligned");
+    cuda_emulation::report_misuse("tile pointer not 256-bit aligned");
   if ((ldm * sizeof(T)) % 16 != 0)
-    cuda_emulation::wmma_misuse("ldm not a multiple of 16 bytes");
+    cuda_emulation::report_misuse("ldm not a multiple of 16 bytes");
 }
 
 template <typename Use, int M, int N, int K, typename T, typename Layout>
@@ -173,7 +181,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d,
       for (const auto& row : tile)
         for (float x : row)
           if (std::isfinite(x) && __float_to_tf32(x) != x)
-            cuda_emulation::wmma_misuse("tf32 operand not rounded with __float_to_tf32");
+            cuda_emulation::report_misuse("tf32 operand not rounded with __float_to_tf32");
     };
     check(a.v);
     check(b.v);
@@ -222,7 +230,7 @@ void launch(unsigned int grid, unsigned int threads, const Body& body) {
     current_block = nullptr;
   }
   if (const char* what = misuse.exchange(nullptr))
-    throw std::runtime_error(std::string("emulated CUDA kernel misused the WMMA API: ") + what);
+    throw std::runtime_error(std::string("emulated CUDA kernel misused the CUDA API: ") + what);
 }
 
 }  // namespace cuda_emulation
