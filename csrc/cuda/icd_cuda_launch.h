@@ -50,14 +50,38 @@ inline int64_t blocks_for(int64_t rows, int64_t rows_per_block) {
   return (rows + rows_per_block - 1) / rows_per_block;
 }
 
+// The operand copies of the unit rows that the tensor-core products read (none for the
+// CUDA-core products): (2, padded_n, ld) in the operand type, zero-padded.
+template <typename Products>
+struct OperandRows {
+  at::Tensor storage;  // undefined where the products take no operand rows
+  int padded_n, ld;
+  void* data() const { return storage.defined() ? storage.data_ptr() : nullptr; }
+  int64_t rows() const { return 2 * static_cast<int64_t>(padded_n); }
+};
+
+template <typename Products>
+OperandRows<Products> allocate_operand_rows(int64_t n, int64_t d, const at::TensorOptions& like) {
+  if constexpr (!Products::kOperandRows) {
+    return {at::Tensor(), static_cast<int>(n), static_cast<int>(d)};
+  } else {
+    const int padded_n = round_up(static_cast<int>(n), kOperandPad);
+    const int ld = round_up(static_cast<int>(d), kOperandPad);
+    const int64_t bytes = 2 * static_cast<int64_t>(padded_n) * ld *
+                          static_cast<int64_t>(sizeof(typename Products::operand_t));
+    return {at::empty({bytes}, like.dtype(at::kByte)), padded_n, ld};
+  }
+}
+
 inline void check_cuda_kernel_limits(int64_t n, int64_t d, at::ScalarType dtype) {
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf ||
                        dtype == at::kBFloat16,
                    "the CUDA kernel takes float32, float64, float16 or bfloat16 features, got ",
                    dtype);
-  TORCH_CHECK_VALUE(2 * n <= INT_MAX && d <= INT_MAX,
-                    "the CUDA kernel supports N up to 2^30 and D up to 2^31 - 1, got N = ", n,
-                    ", D = ", d);
+  // Rows and features are int in the kernels, padded to multiples of kOperandPad.
+  TORCH_CHECK_VALUE(2 * n <= INT_MAX - 2 * kOperandPad && d <= INT_MAX - kOperandPad,
+                    "the CUDA kernel supports N up to 2^30 - 32 and D up to 2^31 - 33, got N = ",
+                    n, ", D = ", d);
 }
 
 // An optional upstream gradient as a device scalar of the accumulate type (or nullptr).
@@ -89,21 +113,26 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
 
   ICD_DISPATCH_KERNEL_TYPES(z_s.scalar_type(), "icd_forward_cuda", [&] {
     using acc_t = acc_type_for<scalar_t>;
-    NormalizeParams<acc_t> np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
-                              z_t.stride(0), z_t.stride(1), static_cast<int>(n),
-                              static_cast<int>(d), unit.data_ptr<acc_t>(),
-                              norms.data_ptr<acc_t>(),
-                              reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
-    launch(normalize_kernel<scalar_t, acc_t>, blocks_for(2 * n, Traits::kNormRowsPerBlock), np);
-    ForwardParams<acc_t> fp{unit.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
-                            static_cast<acc_t>(alpha), static_cast<acc_t>(max_scale),
-                            static_cast<int>(n), static_cast<int>(d), row_lse.data_ptr<acc_t>(),
-                            col_lse.data_ptr<acc_t>(), row_kl.data_ptr<acc_t>(),
-                            row_ce.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
-                            ce.data_ptr<acc_t>(), kl.data_ptr<acc_t>(),
-                            reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
     with_tile_products<scalar_t>(launch, [&](auto products) {
-      launch(forward_kernel<decltype(products), acc_t>, blocks_for(n, Traits::kTileRows), fp);
+      using Products = decltype(products);
+      const OperandRows<Products> op = allocate_operand_rows<Products>(n, d, z_s.options());
+      unsigned int* blocks_done_ptr = reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>());
+      NormalizeParams<acc_t> np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
+                                z_t.stride(0), z_t.stride(1), static_cast<int>(n),
+                                static_cast<int>(d), unit.data_ptr<acc_t>(),
+                                norms.data_ptr<acc_t>(), blocks_done_ptr, op.data(),
+                                op.padded_n, op.ld};
+      launch(normalize_kernel<scalar_t, acc_t, Products>,
+             blocks_for(Products::kOperandRows ? op.rows() : 2 * n, Traits::kNormRowsPerBlock),
+             np);
+      ForwardParams<acc_t> fp{unit.data_ptr<acc_t>(), op.data(), op.padded_n, op.ld,
+                              scale.data_ptr<acc_t>(), static_cast<acc_t>(alpha),
+                              static_cast<acc_t>(max_scale), static_cast<int>(n),
+                              static_cast<int>(d), row_lse.data_ptr<acc_t>(),
+                              col_lse.data_ptr<acc_t>(), row_kl.data_ptr<acc_t>(),
+                              row_ce.data_ptr<acc_t>(), loss.data_ptr<acc_t>(),
+                              ce.data_ptr<acc_t>(), kl.data_ptr<acc_t>(), blocks_done_ptr};
+      launch(forward_kernel<Products, acc_t>, blocks_for(n, Traits::kTileRows), fp);
     });
   });
   return {loss, ce, kl, row_lse, col_lse, row_kl, unit, norms};
@@ -138,19 +167,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
 
   ICD_DISPATCH_KERNEL_TYPES(grad_dtype, "icd_backward_cuda", [&] {
     using acc_t = acc_type_for<scalar_t>;
-    BackwardParams<acc_t> bp{units.data_ptr<acc_t>(), unit_norms.data_ptr<acc_t>(),
-                             scale.data_ptr<acc_t>(),
-                             upstream_pointer<acc_t>(grad_loss, keep_loss, "grad_loss"),
-                             upstream_pointer<acc_t>(grad_ce, keep_ce, "grad_ce"),
-                             upstream_pointer<acc_t>(grad_kl, keep_kl, "grad_kl"),
-                             static_cast<acc_t>(alpha), static_cast<acc_t>(max_scale),
-                             static_cast<int>(n), static_cast<int>(d), r.data_ptr<acc_t>(),
-                             c.data_ptr<acc_t>(), k.data_ptr<acc_t>(), ds.data_ptr<acc_t>(),
-                             dt.data_ptr<acc_t>(), grad_z_s.data_ptr(), grad_z_t.data_ptr(),
-                             block_dkappa.data_ptr<double>(), grad_scale.data_ptr<acc_t>(),
-                             reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
     with_tile_products<scalar_t>(launch, [&](auto products) {
-      launch(backward_kernel<decltype(products), scalar_t, acc_t>, blocks, bp);
+      using Products = decltype(products);
+      const OperandRows<Products> op = allocate_operand_rows<Products>(n, d, acc);
+      if constexpr (Products::kOperandRows) {
+        OperandRowsParams<acc_t> rp{units.data_ptr<acc_t>(), static_cast<int>(n),
+                                    static_cast<int>(d), op.data(), op.padded_n, op.ld};
+        launch(operand_rows_kernel<Products, acc_t>,
+               blocks_for(op.rows(), Traits::kNormRowsPerBlock), rp);
+      }
+      BackwardParams<acc_t> bp{units.data_ptr<acc_t>(), op.data(), op.padded_n, op.ld,
+                               unit_norms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(),
+                               upstream_pointer<acc_t>(grad_loss, keep_loss, "grad_loss"),
+                               upstream_pointer<acc_t>(grad_ce, keep_ce, "grad_ce"),
+                               upstream_pointer<acc_t>(grad_kl, keep_kl, "grad_kl"),
+                               static_cast<acc_t>(alpha), static_cast<acc_t>(max_scale),
+                               static_cast<int>(n), static_cast<int>(d), r.data_ptr<acc_t>(),
+                               c.data_ptr<acc_t>(), k.data_ptr<acc_t>(), ds.data_ptr<acc_t>(),
+                               dt.data_ptr<acc_t>(), grad_z_s.data_ptr(), grad_z_t.data_ptr(),
+                               block_dkappa.data_ptr<double>(), grad_scale.data_ptr<acc_t>(),
+                               reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
+      launch(backward_kernel<Products, scalar_t, acc_t>, blocks, bp);
     });
   });
   return {grad_z_s, grad_z_t, grad_scale.to(log_scale.scalar_type()).reshape(log_scale.sizes())};

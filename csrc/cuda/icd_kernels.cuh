@@ -29,11 +29,24 @@ struct NormalizeParams {
   acc_t* unit;   // (2, n, d): [s; t]
   acc_t* norms;  // (2, n)
   unsigned int* forward_blocks_done;  // cleared here, so the forward needs no memset launch
+  void* operand_rows;  // (2, padded_n, ld) in the products' operand type, or null
+  int padded_n, ld;
+};
+
+// The operand rows of the tensor-core products from unit rows (the backward's copy).
+template <typename acc_t>
+struct OperandRowsParams {
+  const acc_t* unit;  // (2, n, d)
+  int n, d;
+  void* operand_rows;  // (2, padded_n, ld)
+  int padded_n, ld;
 };
 
 template <typename acc_t>
 struct ForwardParams {
   const acc_t* unit;
+  const void* operand_rows;  // (2, padded_n, ld) for the tensor-core products, else null
+  int padded_n, ld;
   const acc_t* log_scale;  // one value
   acc_t alpha, max_scale;
   int n, d;
@@ -50,6 +63,8 @@ struct ForwardParams {
 template <typename acc_t>
 struct BackwardParams {
   const acc_t* unit;
+  const void* operand_rows;  // (2, padded_n, ld) for the tensor-core products, else null
+  int padded_n, ld;
   const acc_t* norms;
   const acc_t* log_scale;
   const acc_t* grad_loss;  // each may be null (= 0)
@@ -81,16 +96,55 @@ __device__ __forceinline__ T row_group_sum(T v) {
   return v;
 }
 
+// The rows a kernel's products read, from its parameters.
+template <typename Products, typename acc_t, typename Params>
+__device__ __forceinline__ typename Products::Rows tile_rows(const Params& p) {
+  using operand_t = typename Products::operand_t;
+  const auto* op = static_cast<const operand_t*>(p.operand_rows);
+  const int64_t half = static_cast<int64_t>(p.padded_n) * p.ld;
+  return {p.unit, p.unit + static_cast<int64_t>(p.n) * p.d, op, op ? op + half : nullptr,
+          p.n, p.d, p.ld};
+}
+
+// Writes one zero-padded operand row: unit_row(k) for k < d (none if unit_row is null), then
+// zeros up to ld; the 32 lanes of a warp share the row.
+template <typename Products, typename UnitRow>
+__device__ __forceinline__ void write_operand_row(typename Products::operand_t* out, int d,
+                                                  int ld, int lane, bool has_row,
+                                                  UnitRow unit_row) {
+  for (int k = lane; k < ld; k += 32)
+    out[k] = Products::to_operand(has_row && k < d ? unit_row(k) : 0.f);
+}
+
+template <typename Products, typename acc_t>
+__global__ void __launch_bounds__(Traits::kThreads)
+    operand_rows_kernel(OperandRowsParams<acc_t> p) {
+  using operand_t = typename Products::operand_t;
+  const int lane = threadIdx.x % 32;
+  const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;  // of 2 padded_n
+  if (row < 2 * p.padded_n) {
+    const int side = row / p.padded_n, i = row % p.padded_n;
+    const acc_t* unit_row = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
+    write_operand_row<Products>(static_cast<operand_t*>(p.operand_rows) +
+                                    static_cast<int64_t>(row) * p.ld,
+                                p.d, p.ld, lane, i < p.n, [&](int k) { return unit_row[k]; });
+  }
+}
+
 // ---------------------------------------------------------------------------------------
-// Launch 1 of the forward: unit rows and norms of z_s and z_t, one warp per row.
-template <typename scalar_t, typename acc_t>
+// Launch 1 of the forward: unit rows and norms of z_s and z_t, one warp per row; and, for
+// the tensor-core products, their zero-padded operand copies (one warp per padded row).
+template <typename scalar_t, typename acc_t, typename Products>
 __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams<acc_t> p) {
   const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;  // 0 .. 2n-1
+  // Rows of [s; t], each side n rows, or padded_n where operand copies are written too.
+  const int rows_per_side = Products::kOperandRows ? p.padded_n : p.n;
+  const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.forward_blocks_done = 0;
-  const bool active = row < 2 * p.n;
-  const int side = active ? row / p.n : 0;
-  const int i = active ? row % p.n : 0;
+  const bool in_grid = row < 2 * rows_per_side;
+  const int side = in_grid ? row / rows_per_side : 0;
+  const int i = in_grid ? row % rows_per_side : 0;
+  const bool active = in_grid && i < p.n;
   const scalar_t* z = static_cast<const scalar_t*>(side == 0 ? p.z_s : p.z_t);
   const int64_t stride0 = side == 0 ? p.s_stride0 : p.t_stride0;
   const int64_t stride1 = side == 0 ? p.s_stride1 : p.t_stride1;
@@ -104,11 +158,20 @@ __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizePa
   for (int mask = 16; mask > 0; mask >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, mask);
   const double norm = sqrt(sum_sq);
   const double inv = 1.0 / (norm > kNormEps ? norm : kNormEps);
+  const auto unit_value = [&](int k) {
+    return static_cast<acc_t>(static_cast<acc_t>(z[i * stride0 + k * stride1]) * inv);
+  };
   if (active) {
     acc_t* out = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
-    for (int k = lane; k < p.d; k += 32)
-      out[k] = static_cast<acc_t>(static_cast<acc_t>(z[i * stride0 + k * stride1]) * inv);
+    for (int k = lane; k < p.d; k += 32) out[k] = unit_value(k);
     if (lane == 0) p.norms[side * p.n + i] = static_cast<acc_t>(norm);
+  }
+  if constexpr (Products::kOperandRows) {
+    using operand_t = typename Products::operand_t;
+    if (in_grid)
+      write_operand_row<Products>(
+          static_cast<operand_t*>(p.operand_rows) + static_cast<int64_t>(row) * p.ld, p.d,
+          p.ld, lane, active, unit_value);
   }
 }
 
@@ -143,9 +206,8 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
 
-  const int n = p.n, d = p.d;
-  const acc_t* s = p.unit;
-  const acc_t* t = p.unit + static_cast<int64_t>(n) * d;
+  const int n = p.n;
+  const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
   const auto [row, q] = thread_place();
   const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(*p.log_scale, p.max_scale));
@@ -155,7 +217,7 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
-    Products::cosine(tiles, s, t, n, d, i0, j0, x, y);
+    Products::cosine(tiles, rows, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int j = j0 + q + Traits::kThreadsPerRow * m;
       if (i >= n || j >= n) continue;
@@ -232,14 +294,14 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
 // The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
 // for the block's rows, then back through the normalisation, and (last block) d theta.
 template <typename Products, typename out_t, typename acc_t>
-__global__ void __launch_bounds__(Traits::kThreads, Products::kBackwardMinBlocksPerSm) backward_kernel(BackwardParams<acc_t> p) {
+__global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
   __shared__ typename Products::Storage tiles;
   __shared__ double reduce_scratch[Traits::kThreads];
   __shared__ bool is_last;
 
   const int n = p.n, d = p.d;
-  const acc_t* s = p.unit;
-  const acc_t* t = p.unit + static_cast<int64_t>(n) * d;
+  const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
+  const acc_t *s = rows.s, *t = rows.t;  // for the normalisation's backward
   const int tid = threadIdx.x;
   const auto [row, q] = thread_place();
   const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
@@ -258,7 +320,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Products::kBackwardMinBlocks
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
-    Products::cosine(tiles, s, t, n, d, i0, j0, x, y);
+    Products::cosine(tiles, rows, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int jj = q + Traits::kThreadsPerRow * m, j = j0 + jj;
       acc_t g_ij = 0, g_ji = 0;
@@ -278,7 +340,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Products::kBackwardMinBlocks
     }
     __syncthreads();
     // The first column block writes dS and dT, the others add: no zeroing launch needed.
-    Products::gradient(tiles, s, t, n, d, j0,
+    Products::gradient(tiles, rows, j0,
                        [&](int col, const Pack16<acc_t>& sum_s, const Pack16<acc_t>& sum_t) {
       if (!row_ok || col >= d) return;
       const int64_t at = static_cast<int64_t>(i) * d + col;

@@ -11,7 +11,9 @@
 //                                float32 inputs as TF32 (16x16x8) when torch allows TF32
 //                                matmuls. The unit rows and G are rounded to the operand
 //                                type; products accumulate in float32.
-// Each keeps its staging buffers in a Storage struct that the kernel declares __shared__.
+// Each keeps its shared tiles in a Storage struct that the kernel declares __shared__. The
+// CUDA-core products stage feature chunks of the rows in shared memory; the tensor-core
+// products read operand copies of the rows (TileRows::op_s / op_t) from global memory.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -49,6 +51,23 @@ struct ThreadPlace {
 __device__ __forceinline__ ThreadPlace thread_place() {
   return {static_cast<int>(threadIdx.x) / Traits::kThreadsPerRow,
           static_cast<int>(threadIdx.x) % Traits::kThreadsPerRow};
+}
+
+// The rows the products read: the unit rows s, t as (n, d) in the accumulate type, and for
+// the tensor cores the same rows converted to the operand type, zero-padded to
+// (padded_n, ld) with both a multiple of kOperandPad, so that WMMA reads them from global
+// memory directly (aligned tiles, no ragged edges, no staging).
+template <typename acc_t, typename operand_t>
+struct TileRows {
+  const acc_t* s;
+  const acc_t* t;
+  const operand_t* op_s;  // null where the products take no operand rows
+  const operand_t* op_t;
+  int n, d, ld;
+};
+constexpr int kOperandPad = 32;
+__host__ __device__ constexpr int round_up(int v, int multiple) {
+  return (v + multiple - 1) / multiple * multiple;
 }
 
 // Up to 16 bytes of consecutive elements, read or written as one LDS.128 / LDG.128 (a
@@ -126,9 +145,6 @@ struct SimtProducts {
   // gradient(): each thread's features of a chunk, as packs kVec (q + 4 g) for g < kGroups.
   static constexpr int kGroups = kChunk / (Traits::kThreadsPerRow * kVec);
   static_assert(kGroups >= 1 && kChunk % (Traits::kThreadsPerRow * kVec) == 0);
-  // The backward kernel's __launch_bounds__ occupancy hint; 0 is none (ptxas's own choice,
-  // no spills).
-  static constexpr int kBackwardMinBlocksPerSm = 0;
   struct Storage {
     alignas(16) acc_t si[Traits::kTileRows][kPitch];
     alignas(16) acc_t ti[Traits::kTileRows][kPitch];
@@ -139,11 +155,16 @@ struct SimtProducts {
   };
   __device__ static acc_t to_operand(acc_t v) { return v; }
 
-  __device__ static void cosine(Storage& sm, const acc_t* s, const acc_t* t, int n, int d,
-                                int i0, int j0, acc_t x[Traits::kColsPerThread],
+  static constexpr bool kOperandRows = false;  // reads rows.s and rows.t only
+  using Rows = TileRows<acc_t, operand_t>;
+
+  __device__ static void cosine(Storage& sm, const Rows& rows, int i0, int j0,
+                                acc_t x[Traits::kColsPerThread],
                                 acc_t y[Traits::kColsPerThread]) {
     const ThreadPlace at = thread_place();
     const auto same = [](acc_t v) { return v; };
+    const acc_t *s = rows.s, *t = rows.t;
+    const int n = rows.n, d = rows.d;
     for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = acc_t(0);
     for (int c0 = 0; c0 < d; c0 += kChunk) {
       stage_rows<kChunk>(&sm.si[0][0], kPitch, s, n, d, i0, c0, same);
@@ -169,10 +190,11 @@ struct SimtProducts {
   // Calls emit(feature, gs, gt) for each pack of this thread's features of each chunk, with
   // gs = (G_IJ T_J)[row, feature + k] and gt = (G'_IJ S_J)[row, feature + k], k < kVec.
   template <typename Emit>
-  __device__ static void gradient(Storage& sm, const acc_t* s, const acc_t* t, int n, int d,
-                                  int j0, Emit emit) {
+  __device__ static void gradient(Storage& sm, const Rows& rows, int j0, Emit emit) {
     const ThreadPlace at = thread_place();
     const auto same = [](acc_t v) { return v; };
+    const acc_t *s = rows.s, *t = rows.t;
+    const int n = rows.n, d = rows.d;
     for (int c0 = 0; c0 < d; c0 += kChunk) {
       stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
       stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
@@ -198,22 +220,19 @@ struct SimtProducts {
 };
 
 // ---------------------------------------------------------------------------------------
-// Tensor-core operands: the element type staged in shared memory, the WMMA fragment type,
-// the k of one mma, the staged row pitch (a multiple of 16 bytes that keeps every 16-row
-// and k-step offset 32-byte aligned) and the backward's occupancy hint (0: none).
+// Tensor-core operands: the element type of the operand rows and G tiles, the WMMA fragment
+// type, the k of one mma and the G tiles' row pitch (a multiple of 16 bytes that keeps every
+// 16-row and k-step offset 32-byte aligned).
 struct Fp16Operand {
   using stored_t = __half;
   using fragment_t = __half;
   static constexpr int kK = 16, kPitch = 40;
-  // Without a hint ptxas (CUDA 13, sm_90) fits this backward into 64 registers at the cost
-  // of a spill in its column-block loop; with 2 it takes ~100 and spills nothing.
-  static constexpr int kBackwardMinBlocksPerSm = 2;
   __device__ static stored_t from_float(float v) { return __float2half_rn(v); }
 };
 struct Bf16Operand {
   using stored_t = __nv_bfloat16;
   using fragment_t = __nv_bfloat16;
-  static constexpr int kK = 16, kPitch = 40, kBackwardMinBlocksPerSm = 0;
+  static constexpr int kK = 16, kPitch = 40;
   __device__ static stored_t from_float(float v) { return __float2bfloat16_rn(v); }
 };
 struct Tf32Operand {
@@ -223,7 +242,7 @@ struct Tf32Operand {
 #else
   using fragment_t = float;
 #endif
-  static constexpr int kK = 8, kPitch = 36, kBackwardMinBlocksPerSm = 0;
+  static constexpr int kK = 8, kPitch = 36;
   __device__ static stored_t from_float(float v) {
 #ifndef ICD_FAST_NO_TENSOR_CORES
     return nvcuda::wmma::__float_to_tf32(v);
@@ -253,54 +272,48 @@ template <typename Operand>
 struct TensorCoreProducts {
   using operand_t = typename Operand::stored_t;
   using fragment_t = typename Operand::fragment_t;
-  static constexpr int kChunk = 32;  // features per staging step
   static constexpr int kK = Operand::kK, kPitch = Operand::kPitch;
+  static constexpr int kChunk = 32;     // features per gradient step (two warps' 16 columns)
   static constexpr int kOutPitch = 36;  // float32 tile pitch: a multiple of 4 elements
-  static constexpr int kBackwardMinBlocksPerSm = Operand::kBackwardMinBlocksPerSm;
+  static_assert(kOperandPad % kChunk == 0 && kOperandPad % kK == 0);
   // WMMA needs 32-byte aligned tile pointers: every 16-row and 16-column offset used below
-  // keeps that for these pitches.
+  // keeps that for these pitches, and for the padded operand rows (ld a multiple of 32).
   struct Storage {
-    alignas(32) operand_t si[Traits::kTileRows][kPitch];
-    alignas(32) operand_t ti[Traits::kTileRows][kPitch];
-    alignas(32) operand_t sj[Traits::kTileRows][kPitch];
-    alignas(32) operand_t tj[Traits::kTileRows][kPitch];
     alignas(32) operand_t gx[Traits::kTileRows][kPitch];  // G_ij
     alignas(32) operand_t gy[Traits::kTileRows][kPitch];  // G'_ij = G_ji
     alignas(32) float out_x[Traits::kTileRows][kOutPitch];
     alignas(32) float out_y[Traits::kTileRows][kOutPitch];
   };
   __device__ static operand_t to_operand(float v) { return Operand::from_float(v); }
+  static constexpr bool kOperandRows = true;  // reads rows.op_s, rows.op_t (padded)
+  using Rows = TileRows<float, operand_t>;
 
-  __device__ static void cosine(Storage& sm, const float* s, const float* t, int n, int d,
-                                int i0, int j0, float x[Traits::kColsPerThread],
+  __device__ static void cosine(Storage& sm, const Rows& rows, int i0, int j0,
+                                float x[Traits::kColsPerThread],
                                 float y[Traits::kColsPerThread]) {
 #ifdef ICD_FAST_NO_TENSOR_CORES
     __trap();
 #else
     namespace wmma = nvcuda::wmma;
     const int warp = threadIdx.x / 32, wi = 16 * (warp / 2), wj = 16 * (warp % 2);
-    const auto round = [](float v) { return to_operand(v); };
+    const int64_t ld = rows.ld;
+    const operand_t* s_i = rows.op_s + (i0 + wi) * ld;
+    const operand_t* t_i = rows.op_t + (i0 + wi) * ld;
+    const operand_t* s_j = rows.op_s + (j0 + wj) * ld;
+    const operand_t* t_j = rows.op_t + (j0 + wj) * ld;
     wmma::fragment<wmma::accumulator, 16, 16, kK, float> fx, fy;
     wmma::fill_fragment(fx, 0.f);
     wmma::fill_fragment(fy, 0.f);
-    for (int c0 = 0; c0 < d; c0 += kChunk) {
-      stage_rows<kChunk>(&sm.si[0][0], kPitch, s, n, d, i0, c0, round);
-      stage_rows<kChunk>(&sm.ti[0][0], kPitch, t, n, d, i0, c0, round);
-      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, round);
-      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, round);
-      __syncthreads();
-      for (int k = 0; k < kChunk; k += kK) {
-        // X = S_I T_J^T and Y = T_I S_J^T: B[k][j] = T_J[j][k] is T_J read column-major.
-        wmma::fragment<wmma::matrix_a, 16, 16, kK, fragment_t, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::col_major> b;
-        wmma::load_matrix_sync(a, &sm.si[wi][k], kPitch);
-        wmma::load_matrix_sync(b, &sm.tj[wj][k], kPitch);
-        wmma::mma_sync(fx, a, b, fx);
-        wmma::load_matrix_sync(a, &sm.ti[wi][k], kPitch);
-        wmma::load_matrix_sync(b, &sm.sj[wj][k], kPitch);
-        wmma::mma_sync(fy, a, b, fy);
-      }
-      __syncthreads();
+    for (int k = 0; k < rows.ld; k += kK) {
+      // X = S_I T_J^T and Y = T_I S_J^T: B[k][j] = T_J[j][k] is T_J read column-major.
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, fragment_t, wmma::row_major> a;
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::col_major> b;
+      wmma::load_matrix_sync(a, s_i + k, rows.ld);
+      wmma::load_matrix_sync(b, t_j + k, rows.ld);
+      wmma::mma_sync(fx, a, b, fx);
+      wmma::load_matrix_sync(a, t_i + k, rows.ld);
+      wmma::load_matrix_sync(b, s_j + k, rows.ld);
+      wmma::mma_sync(fy, a, b, fy);
     }
     wmma::store_matrix_sync(&sm.out_x[wi][wj], fx, kOutPitch, wmma::mem_row_major);
     wmma::store_matrix_sync(&sm.out_y[wi][wj], fy, kOutPitch, wmma::mem_row_major);
@@ -315,19 +328,16 @@ struct TensorCoreProducts {
   }
 
   template <typename Emit>
-  __device__ static void gradient(Storage& sm, const float* s, const float* t, int n, int d,
-                                  int j0, Emit emit) {
+  __device__ static void gradient(Storage& sm, const Rows& rows, int j0, Emit emit) {
 #ifdef ICD_FAST_NO_TENSOR_CORES
     __trap();
 #else
     namespace wmma = nvcuda::wmma;
+    using Pack = Pack16<float>;
     const int warp = threadIdx.x / 32, wi = 16 * (warp / 2), wc = 16 * (warp % 2);
-    const auto round = [](float v) { return to_operand(v); };
+    const int64_t ld = rows.ld;
     const ThreadPlace at = thread_place();
-    for (int c0 = 0; c0 < d; c0 += kChunk) {
-      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, round);
-      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, round);
-      __syncthreads();
+    for (int c0 = 0; c0 < rows.d; c0 += kChunk) {
       wmma::fragment<wmma::accumulator, 16, 16, kK, float> fs, ft;
       wmma::fill_fragment(fs, 0.f);
       wmma::fill_fragment(ft, 0.f);
@@ -335,17 +345,17 @@ struct TensorCoreProducts {
         // (G_IJ T_J)[i][c] = sum_j G[i][j] T_J[j][c]: B is T_J read row-major.
         wmma::fragment<wmma::matrix_a, 16, 16, kK, fragment_t, wmma::row_major> a;
         wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::row_major> b;
+        const int64_t b_offset = (j0 + k) * ld + c0 + wc;
         wmma::load_matrix_sync(a, &sm.gx[wi][k], kPitch);
-        wmma::load_matrix_sync(b, &sm.tj[k][wc], kPitch);
+        wmma::load_matrix_sync(b, rows.op_t + b_offset, rows.ld);
         wmma::mma_sync(fs, a, b, fs);
         wmma::load_matrix_sync(a, &sm.gy[wi][k], kPitch);
-        wmma::load_matrix_sync(b, &sm.sj[k][wc], kPitch);
+        wmma::load_matrix_sync(b, rows.op_s + b_offset, rows.ld);
         wmma::mma_sync(ft, a, b, ft);
       }
       wmma::store_matrix_sync(&sm.out_x[wi][wc], fs, kOutPitch, wmma::mem_row_major);
       wmma::store_matrix_sync(&sm.out_y[wi][wc], ft, kOutPitch, wmma::mem_row_major);
       __syncthreads();
-      using Pack = Pack16<float>;
       for (int g = 0; g < kChunk / (Traits::kThreadsPerRow * Pack::kSize); ++g) {
         const int c = Pack::kSize * (at.q + Traits::kThreadsPerRow * g);
         emit(c0 + c, load_pack(&sm.out_x[at.row][c]), load_pack(&sm.out_y[at.row][c]));
