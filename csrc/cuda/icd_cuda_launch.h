@@ -52,7 +52,6 @@ inline int64_t blocks_for(int64_t rows, int64_t rows_per_block) {
 
 // The operand copies of the unit rows that the tensor-core products read (none for the
 // CUDA-core products): (2, padded_n, ld) in the operand type, zero-padded.
-template <typename Products>
 struct OperandRows {
   at::Tensor storage;  // undefined where the products take no operand rows
   int padded_n, ld;
@@ -61,7 +60,7 @@ struct OperandRows {
 };
 
 template <typename Products>
-OperandRows<Products> allocate_operand_rows(int64_t n, int64_t d, const at::TensorOptions& like) {
+OperandRows allocate_operand_rows(int64_t n, int64_t d, const at::TensorOptions& like) {
   if constexpr (!Products::kOperandRows) {
     return {at::Tensor(), static_cast<int>(n), static_cast<int>(d)};
   } else {
@@ -79,7 +78,7 @@ inline void check_cuda_kernel_limits(int64_t n, int64_t d, at::ScalarType dtype)
                    "the CUDA kernel takes float32, float64, float16 or bfloat16 features, got ",
                    dtype);
   // Rows and features are int in the kernels, padded to multiples of kOperandPad.
-  TORCH_CHECK_VALUE(2 * n <= INT_MAX - 2 * kOperandPad && d <= INT_MAX - kOperandPad,
+  TORCH_CHECK_VALUE(n <= (1 << 30) - kOperandPad && d <= INT_MAX - kOperandPad,
                     "the CUDA kernel supports N up to 2^30 - 32 and D up to 2^31 - 33, got N = ",
                     n, ", D = ", d);
 }
@@ -115,7 +114,7 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
     using acc_t = acc_type_for<scalar_t>;
     with_tile_products<scalar_t>(launch, [&](auto products) {
       using Products = decltype(products);
-      const OperandRows<Products> op = allocate_operand_rows<Products>(n, d, z_s.options());
+      const OperandRows op = allocate_operand_rows<Products>(n, d, z_s.options());
       unsigned int* blocks_done_ptr = reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>());
       NormalizeParams<acc_t> np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
                                 z_t.stride(0), z_t.stride(1), static_cast<int>(n),
@@ -169,7 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
     using acc_t = acc_type_for<scalar_t>;
     with_tile_products<scalar_t>(launch, [&](auto products) {
       using Products = decltype(products);
-      const OperandRows<Products> op = allocate_operand_rows<Products>(n, d, acc);
+      const OperandRows op = allocate_operand_rows<Products>(n, d, acc);
       if constexpr (Products::kOperandRows) {
         OperandRowsParams<acc_t> rp{units.data_ptr<acc_t>(), static_cast<int>(n),
                                     static_cast<int>(d), op.data(), op.padded_n, op.ld};

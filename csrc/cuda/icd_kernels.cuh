@@ -106,8 +106,8 @@ __device__ __forceinline__ typename Products::Rows tile_rows(const Params& p) {
           p.n, p.d, p.ld};
 }
 
-// Writes one zero-padded operand row: unit_row(k) for k < d (none if unit_row is null), then
-// zeros up to ld; the 32 lanes of a warp share the row.
+// Writes one operand row of ld values: unit_row(k) for k < d, zeros beyond, and all zeros for
+// a padding row (has_row false); the 32 lanes of a warp share the row.
 template <typename Products, typename UnitRow>
 __device__ __forceinline__ void write_operand_row(typename Products::operand_t* out, int d,
                                                   int ld, int lane, bool has_row,
