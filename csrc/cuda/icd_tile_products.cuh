@@ -105,10 +105,10 @@ __device__ __forceinline__ bool rows_packable(const T* base, int d) {
 }
 
 // Copies rows [r0, r0 + 32) x features [c0, c0 + kChunk) of a (n, d) matrix into a shared
-// tile, converted by `convert`, zero outside the matrix. Reads packs where the rows allow.
-template <int kChunk, typename tile_t, typename src_t, typename Convert>
-__device__ __forceinline__ void stage_rows(tile_t* tile, int pitch, const src_t* rows, int n,
-                                           int d, int r0, int c0, Convert convert) {
+// tile, zero outside the matrix. Reads packs where the rows allow.
+template <int kChunk, typename src_t>
+__device__ __forceinline__ void stage_rows(src_t* tile, int pitch, const src_t* rows, int n,
+                                           int d, int r0, int c0) {
   using Pack = Pack16<src_t>;
   static_assert(kChunk % Pack::kSize == 0, "a staged chunk is a whole number of packs");
   if (rows_packable(rows, d)) {
@@ -119,14 +119,13 @@ __device__ __forceinline__ void stage_rows(tile_t* tile, int pitch, const src_t*
       const int gr = r0 + r, col = c0 + c;
       Pack pack{};
       if (gr < n && col < d) pack = load_pack(rows + static_cast<int64_t>(gr) * d + col);
-      for (int k = 0; k < Pack::kSize; ++k) tile[r * pitch + c + k] = convert(pack.v[k]);
+      for (int k = 0; k < Pack::kSize; ++k) tile[r * pitch + c + k] = pack.v[k];
     }
     return;
   }
   for (int e = threadIdx.x; e < Traits::kTileRows * kChunk; e += Traits::kThreads) {
     const int r = e / kChunk, c = e % kChunk, gr = r0 + r, col = c0 + c;
-    tile[r * pitch + c] =
-        convert((gr < n && col < d) ? rows[static_cast<int64_t>(gr) * d + col] : src_t(0));
+    tile[r * pitch + c] = (gr < n && col < d) ? rows[static_cast<int64_t>(gr) * d + col] : src_t(0);
   }
 }
 
@@ -162,15 +161,14 @@ struct SimtProducts {
                                 acc_t x[Traits::kColsPerThread],
                                 acc_t y[Traits::kColsPerThread]) {
     const ThreadPlace at = thread_place();
-    const auto same = [](acc_t v) { return v; };
     const acc_t *s = rows.s, *t = rows.t;
     const int n = rows.n, d = rows.d;
     for (int m = 0; m < Traits::kColsPerThread; ++m) x[m] = y[m] = acc_t(0);
     for (int c0 = 0; c0 < d; c0 += kChunk) {
-      stage_rows<kChunk>(&sm.si[0][0], kPitch, s, n, d, i0, c0, same);
-      stage_rows<kChunk>(&sm.ti[0][0], kPitch, t, n, d, i0, c0, same);
-      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
-      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
+      stage_rows<kChunk>(&sm.si[0][0], kPitch, s, n, d, i0, c0);
+      stage_rows<kChunk>(&sm.ti[0][0], kPitch, t, n, d, i0, c0);
+      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0);
+      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0);
       __syncthreads();
       for (int c = 0; c < kChunk; c += kVec) {
         const Pack a = load_pack(&sm.si[at.row][c]), b = load_pack(&sm.ti[at.row][c]);
@@ -192,12 +190,11 @@ struct SimtProducts {
   template <typename Emit>
   __device__ static void gradient(Storage& sm, const Rows& rows, int j0, Emit emit) {
     const ThreadPlace at = thread_place();
-    const auto same = [](acc_t v) { return v; };
     const acc_t *s = rows.s, *t = rows.t;
     const int n = rows.n, d = rows.d;
     for (int c0 = 0; c0 < d; c0 += kChunk) {
-      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0, same);
-      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0, same);
+      stage_rows<kChunk>(&sm.sj[0][0], kPitch, s, n, d, j0, c0);
+      stage_rows<kChunk>(&sm.tj[0][0], kPitch, t, n, d, j0, c0);
       __syncthreads();
       Pack sum_s[kGroups] = {}, sum_t[kGroups] = {};
       for (int j = 0; j < Traits::kTileRows; j += kVec) {
