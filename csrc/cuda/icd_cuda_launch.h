@@ -50,8 +50,8 @@ inline int64_t blocks_for(int64_t rows, int64_t rows_per_block) {
   return (rows + rows_per_block - 1) / rows_per_block;
 }
 
-// The operand copies of the unit rows that the tensor-core products read (none for the
-// CUDA-core products): (2, padded_n, ld) in the operand type, zero-padded.
+// The operand copies of the unit rows that the tensor-core products read: (2, padded_n, ld)
+// in the operand type, zero-padded. The CUDA-core products take none (padded_n = n, ld = d).
 struct OperandRows {
   at::Tensor storage;  // undefined where the products take no operand rows
   int padded_n, ld;
@@ -122,8 +122,7 @@ forward_impl(const Launch& launch, const at::Tensor& z_s, const at::Tensor& z_t,
                                 norms.data_ptr<acc_t>(), blocks_done_ptr, op.data(),
                                 op.padded_n, op.ld};
       launch(normalize_kernel<scalar_t, acc_t, Products>,
-             blocks_for(Products::kOperandRows ? op.rows() : 2 * n, Traits::kNormRowsPerBlock),
-             np);
+             blocks_for(op.rows(), Traits::kNormRowsPerBlock), np);
       ForwardParams<acc_t> fp{unit.data_ptr<acc_t>(), op.data(), op.padded_n, op.ld,
                               scale.data_ptr<acc_t>(), static_cast<acc_t>(alpha),
                               static_cast<acc_t>(max_scale), static_cast<int>(n),

@@ -30,7 +30,7 @@ struct NormalizeParams {
   acc_t* norms;  // (2, n)
   unsigned int* forward_blocks_done;  // cleared here, so the forward needs no memset launch
   void* operand_rows;  // (2, padded_n, ld) in the products' operand type, or null
-  int padded_n, ld;
+  int padded_n, ld;    // n and d where there is no operand copy
 };
 
 // The operand rows of the tensor-core products from unit rows (the backward's copy).
@@ -137,13 +137,12 @@ __global__ void __launch_bounds__(Traits::kThreads)
 template <typename scalar_t, typename acc_t, typename Products>
 __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams<acc_t> p) {
   const int lane = threadIdx.x % 32;
-  // Rows of [s; t], each side n rows, or padded_n where operand copies are written too.
-  const int rows_per_side = Products::kOperandRows ? p.padded_n : p.n;
+  // Rows of [s; t], padded_n per side (n where no operand copies are written).
   const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.forward_blocks_done = 0;
-  const bool in_grid = row < 2 * rows_per_side;
-  const int side = in_grid ? row / rows_per_side : 0;
-  const int i = in_grid ? row % rows_per_side : 0;
+  const bool in_grid = row < 2 * p.padded_n;
+  const int side = in_grid ? row / p.padded_n : 0;
+  const int i = in_grid ? row % p.padded_n : 0;
   const bool active = in_grid && i < p.n;
   const scalar_t* z = static_cast<const scalar_t*>(side == 0 ? p.z_s : p.z_t);
   const int64_t stride0 = side == 0 ? p.s_stride0 : p.t_stride0;

@@ -47,6 +47,11 @@ using Traits = KernelTraits;
 // This thread's row of the tile and its first column (its columns are q + 4 m).
 struct ThreadPlace {
   int row, q;
+  // The first feature of this thread's g-th pack of `vec` features in a chunk (packs of the
+  // row's four threads interleave, so that a warp's pack reads are contiguous).
+  __device__ int pack_feature(int vec, int g) const {
+    return vec * (q + KernelTraits::kThreadsPerRow * g);
+  }
 };
 __device__ __forceinline__ ThreadPlace thread_place() {
   return {static_cast<int>(threadIdx.x) / Traits::kThreadsPerRow,
@@ -141,7 +146,7 @@ struct SimtProducts {
   // warp reads at once (8 rows i; 4 rows j) on distinct banks.
   static constexpr int kPitch = kChunk + kVec;
   static constexpr int kGPitch = Traits::kTileRows + kVec;
-  // gradient(): each thread's features of a chunk, as packs kVec (q + 4 g) for g < kGroups.
+  // gradient(): each thread's features of a chunk, as packs at pack_feature(kVec, g).
   static constexpr int kGroups = kChunk / (Traits::kThreadsPerRow * kVec);
   static_assert(kGroups >= 1 && kChunk % (Traits::kThreadsPerRow * kVec) == 0);
   struct Storage {
@@ -201,7 +206,7 @@ struct SimtProducts {
         const Pack gs = load_pack(&sm.gx[at.row][j]), gt = load_pack(&sm.gy[at.row][j]);
         for (int k = 0; k < kVec; ++k)
           for (int g = 0; g < kGroups; ++g) {
-            const int c = kVec * (at.q + Traits::kThreadsPerRow * g);
+            const int c = at.pack_feature(kVec, g);
             const Pack tj = load_pack(&sm.tj[j + k][c]), sj = load_pack(&sm.sj[j + k][c]);
             for (int e = 0; e < kVec; ++e) {
               sum_s[g].v[e] += gs.v[k] * tj.v[e];
@@ -210,7 +215,7 @@ struct SimtProducts {
           }
       }
       for (int g = 0; g < kGroups; ++g)
-        emit(c0 + kVec * (at.q + Traits::kThreadsPerRow * g), sum_s[g], sum_t[g]);
+        emit(c0 + at.pack_feature(kVec, g), sum_s[g], sum_t[g]);
       __syncthreads();
     }
   }
@@ -354,7 +359,7 @@ struct TensorCoreProducts {
       wmma::store_matrix_sync(&sm.out_y[wi][wc], ft, kOutPitch, wmma::mem_row_major);
       __syncthreads();
       for (int g = 0; g < kChunk / (Traits::kThreadsPerRow * Pack::kSize); ++g) {
-        const int c = Pack::kSize * (at.q + Traits::kThreadsPerRow * g);
+        const int c = at.pack_feature(Pack::kSize, g);
         emit(c0 + c, load_pack(&sm.out_x[at.row][c]), load_pack(&sm.out_y[at.row][c]));
       }
       __syncthreads();
