@@ -181,7 +181,7 @@ def test_missing_data_set_is_one_clear_line(tmp_path, capsys):
 def test_recipes_follow_the_paper():
     from argparse import Namespace
 
-    from train.cli import recipe
+    from train.recipes import recipe
 
     none = dict(epochs=None, batch_size=None, lr=None, lr_decay_epochs=None, weight_decay=None)
     assert recipe(Namespace(dataset="cifar100", **none), "resnet8x4") == (
@@ -246,3 +246,42 @@ def test_tensorboard_gets_a_scalar_per_epoch(tmp_path):
     assert {"loss", "icd", "ce", "test_acc", "lr"} <= set(events.Tags()["scalars"])
     accuracy = [e.value for e in events.Scalars("test_acc")]
     assert accuracy == pytest.approx([r["test_acc"] for r in history.rows])
+
+
+def test_explicit_recipe_overrides_are_honoured_even_when_zero():
+    from argparse import Namespace
+
+    from train.recipes import recipe
+
+    given = dict(epochs=3, batch_size=16, lr=0.0, lr_decay_epochs=[], weight_decay=0.0)
+    plan = recipe(Namespace(dataset="cifar100", **given), "resnet8x4")
+    assert plan.lr == 0.0 and plan.weight_decay == 0.0 and plan.epochs == 3
+    assert plan.batch_size == 16 and plan.lr_decay_epochs == ()
+
+
+def test_loss_weights_reach_the_distiller_and_unknown_ones_are_refused():
+    from argparse import Namespace
+
+    from train.training import loss_weight_options
+
+    options = loss_weight_options(Namespace(gamma=None, kd_weight=0.0, beta=2.5, alpha=None))
+    assert options == {"lam": 0.0, "beta": 2.5}
+    student = build_model("resnet8", NUM_CLASSES, 1)
+    teacher = build_model("resnet8", NUM_CLASSES, 1)
+    distiller = build_distiller("icd", student, teacher, **options)
+    assert distiller.beta == 2.5 and distiller.lam == 0.0
+    with pytest.raises(ValueError, match="'vanilla' has no option beta"):
+        build_distiller("vanilla", build_model("resnet8", NUM_CLASSES, 1), beta=1.0)
+
+
+def test_run_folders_of_other_loss_weights_stay_apart():
+    from train.runs import run_folder_name
+
+    name = "cifar100/wrn_40_2-wrn_16_2/icd"
+    assert run_folder_name(name, 0) == "cifar100__wrn_40_2-wrn_16_2__icd__seed0"
+    assert run_folder_name(name, 1, {"beta": 2.0, "alpha": 0.1}) == (
+        "cifar100__wrn_40_2-wrn_16_2__icd__alpha=0.1__beta=2__seed1")
+    # the results' glob of a config's own runs does not pick up a sweep's
+    import fnmatch
+    assert not fnmatch.fnmatch(run_folder_name(name, 1, {"beta": 2.0}),
+                               run_folder_name(name, "*"))

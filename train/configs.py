@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
+from .data.catalog import TRANSFER_SETS
+
 METHODS = ("vanilla", "kd", "crd", "icd", "icd_kd")
 
 TABLES: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {
@@ -27,7 +29,6 @@ TABLES: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {
     # Students distilled on CIFAR-100, then probed on both transfer sets.
     "transfer": ("cifar100", (("wrn_40_2", "wrn_16_2"),)),
 }
-TRANSFER_SETS = ("stl10", "tiny-imagenet")
 
 
 @dataclass(frozen=True)

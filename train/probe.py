@@ -93,3 +93,26 @@ def linear_probe(model: nn.Module, train_set: Dataset, test_set: Dataset, num_cl
     with torch.no_grad():
         accuracy = (head(test_x).argmax(1) == test_y).float().mean().item() * 100
     return accuracy, head
+
+
+def probe_checkpoint(model_name: str, ckpt, dataset: str, root, args) -> float:
+    """Linear probe of checkpoint ckpt (a model_name of any number of classes) on a transfer
+    set, with the probe options of the command line; returns the test top-1 in percent."""
+    from . import distributed
+    from .checkpoints import load_weights, read_checkpoint
+    from .data.catalog import load_probe_data
+    from .models import build_model
+
+    device = distributed.init_from_env(args.device)
+    state = read_checkpoint(ckpt)
+    model = build_model(model_name, classes_in_state_dict(build_model(model_name, 2), state))
+    load_weights(model, ckpt, model_name)
+    train_set, test_set, classes = load_probe_data(dataset, root, args.image_size,
+                                                   getattr(args, "download", False))
+    recipe = ProbeRecipe(epochs=args.probe_epochs, batch_size=args.probe_batch_size,
+                         lr=args.probe_lr, lr_decay_epochs=tuple(args.probe_lr_decay_epochs),
+                         seed=args.seed, num_workers=args.workers)
+    accuracy, _ = linear_probe(model.to(device), train_set, test_set, classes, recipe)
+    distributed.say(f"linear probe of {model_name} ({ckpt}) on {dataset}: test top-1 "
+                    f"{accuracy:.2f}%")
+    return accuracy

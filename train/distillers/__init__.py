@@ -9,6 +9,7 @@ so any model of the zoo, or any torchvision model, can play either part.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -37,6 +38,12 @@ def build_distiller(method: str, student: nn.Module, teacher: Optional[nn.Module
     if method not in DISTILLERS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(DISTILLERS))}")
     cls = DISTILLERS[method]
+    accepted = inspect.signature(cls.__init__).parameters
+    unknown = sorted(k for k in options if k not in accepted)
+    if unknown:
+        takes = [k for k in accepted if k not in ("self", "student", "teacher", "num_samples")]
+        raise ValueError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
+                         f"{', '.join(takes) or 'none'}")
     if getattr(cls, "needs_num_samples", False):
         options["num_samples"] = num_samples
     return cls(student, teacher, **options)

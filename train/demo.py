@@ -1,0 +1,60 @@
+"""`demo`: the main job on the embedded digits data, offline: a teacher, then students of
+several methods over several seeds, and their top-1 accuracy (mean +- std)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from . import engine
+from .data.digits import IN_CHANNELS, NUM_CLASSES, digits_datasets, stratified_subset
+from .models import build_model
+from .training import train_model
+
+DEMO_METHODS = ("vanilla", "kd", "icd", "icd_kd")
+
+
+def demo(args) -> int:
+    start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_set, test_set = digits_datasets(image_size=args.image_size)
+    # The teacher learns from the whole training split, the students from a small part of
+    # it: the regime where what a teacher passes on shows in the students' accuracy.
+    student_set = stratified_subset(train_set, args.student_fraction, seed=0)
+    print(f"digits: {len(train_set)} train ({len(student_set)} for the students) / "
+          f"{len(test_set)} test images, {args.image_size}x{args.image_size}; "
+          f"teacher {args.teacher}, student {args.student}")
+    engine.seed_everything(0)
+    def cosine(epochs):
+        return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+
+    teacher = build_model(args.teacher, NUM_CLASSES, IN_CHANNELS)
+    teacher_config = engine.TrainConfig(epochs=args.teacher_epochs, batch_size=args.batch_size)
+    _, t_hist = train_model("vanilla", teacher, None, train_set, test_set, teacher_config,
+                            args.lr, 5e-4, cosine(args.teacher_epochs))
+    print(f"teacher {args.teacher}: {t_hist.rows[-1]['test_acc']:.2f}% "
+          f"({time.time() - start:.0f} s)", flush=True)
+    results = {}
+    for method in args.methods:
+        accs = []
+        for seed in range(args.seeds):
+            engine.seed_everything(seed + 1)
+            student = build_model(args.student, NUM_CLASSES, IN_CHANNELS)
+            config = engine.TrainConfig(epochs=args.epochs, batch_size=args.batch_size,
+                                        seed=seed + 1)
+            _, hist = train_model(method, student, teacher if method != "vanilla" else None,
+                                  student_set, test_set, config, args.lr, 5e-4,
+                                  cosine(args.epochs))
+            accs.append(hist.rows[-1]["test_acc"])
+        results[method] = accs
+        mean = statistics.mean(accs)
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"{method:>8}: {mean:6.2f} +- {std:4.2f} % top-1 over {len(accs)} seeds "
+              f"({time.time() - start:.0f} s)", flush=True)
+    print("\n| method | top-1 % (mean +- std) |\n|---|---|")
+    for method, accs in results.items():
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        print(f"| {method} | {statistics.mean(accs):.2f} +- {std:.2f} |")
+    return 0

@@ -1,0 +1,54 @@
+"""`run`: one config of the paper's tables, end to end, in its run folder under --runs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import distributed
+from .checkpoints import load_model
+from .configs import get_config
+from .data.catalog import load_data
+from .probe import probe_checkpoint
+from .training import loss_weight_options, run_training
+
+
+def run_folder_name(config_name: str, seed, method_options=None) -> str:
+    """The run folder of a config and seed (seed "*" gives the glob of all its seeds); loss
+    weights other than the method's defaults (a sweep's values) are part of the name, so
+    such runs never mix with the config's own."""
+    weights = "".join(f"__{key}={value:g}" for key, value in sorted((method_options or {}).items()))
+    return f"{config_name.replace('/', '__')}{weights}__seed{seed}"
+
+
+def teacher_run_folder(runs: Path, dataset: str, teacher: str) -> Path:
+    """Where `run` trains a config's teacher (shared by all configs with that teacher)."""
+    return runs / dataset / f"teacher-{teacher}"
+
+
+def run_config(args) -> int:
+    """Teacher (trained first unless its checkpoint exists), student, and for transfer
+    configs the linear probes; every stage resumes from its last checkpoint."""
+    config = get_config(args.config)
+    args.dataset = config.dataset
+    runs = Path(args.runs)
+    data = load_data(config.dataset, args.data, args.download)
+    teacher = None
+    if config.method != "vanilla":
+        ckpt = Path(args.teacher_ckpt) if args.teacher_ckpt else (
+            teacher_run_folder(runs, config.dataset, config.teacher) / "best.pt")
+        if not args.teacher_ckpt:  # a finished teacher run resumes to nothing
+            distributed.say(f"teacher {config.teacher}: {ckpt.parent}")
+            run_training(args, "vanilla", config.teacher, data, ckpt.parent,
+                         epochs=args.teacher_epochs, resume=True)
+        teacher = load_model(config.teacher, ckpt, data[2], data[3])
+    options = loss_weight_options(args)
+    out = Path(args.out) if args.out else runs / run_folder_name(config.name, args.seed, options)
+    run_training(args, config.method, config.student, data, out, teacher, resume=True,
+                 method_options=options)
+    for transfer_set in config.transfer_sets:
+        root = args.stl10_data if transfer_set == "stl10" else args.tiny_imagenet_data
+        accuracy = probe_checkpoint(config.student, out / "best.pt", transfer_set, root, args)
+        if distributed.is_main():
+            (out / f"probe-{transfer_set}.json").write_text(json.dumps(
+                {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": "best.pt"}))
+    return 0

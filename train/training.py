@@ -1,0 +1,76 @@
+"""One training run of a model by a method: the distiller, its optimiser and schedule, and
+the engine's loop; the recipe and run folder come from the command line."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from . import distributed, engine
+from .distillers import build_distiller
+from .models import build_model
+from .recipes import recipe
+
+
+# Command-line loss weights -> the distillers' option names (paper eq. 13:
+# gamma CE + lambda KD + beta method, and ICD's alpha inside its loss).
+LOSS_WEIGHT_OPTIONS = {"gamma": "gamma", "kd_weight": "lam", "beta": "beta", "alpha": "alpha"}
+
+
+def loss_weight_options(args) -> Dict[str, float]:
+    """The loss weights given on the command line (those left out keep the method's
+    defaults), as distiller options."""
+    return {option: getattr(args, arg) for arg, option in LOSS_WEIGHT_OPTIONS.items()
+            if getattr(args, arg, None) is not None}
+
+
+def train_model(method, student, teacher, train_set, test_set, config: engine.TrainConfig,
+                lr: float, weight_decay: float, make_scheduler, resume: bool = False,
+                device: torch.device = torch.device("cpu"), sync_bn: bool = False,
+                method_options: Optional[Dict[str, float]] = None):
+    """SGD (momentum 0.9) on the student and the method's own modules; make_scheduler(opt)
+    gives the learning-rate schedule; method_options reach the distiller (loss weights)."""
+    if sync_bn:
+        if device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
+                             "implementation)")
+        student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    distiller = build_distiller(method, student, teacher, num_samples=len(train_set),
+                                **(method_options or {})).to(device)
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    history = engine.fit(distiller, train_set, test_set, optimizer, make_scheduler(optimizer),
+                         config, resume)
+    return distiller, history
+
+
+def run_training(args, method: str, student_name: str, data, out: Path, teacher=None,
+                 epochs=None, resume=None, method_options=None):
+    """One training run (teacher or student) on data = load_data(...) with the recipe of
+    args.dataset overridden by args; returns its History."""
+    device = distributed.init_from_env(args.device)
+    # DDP starts every rank from rank 0's weights; the ranks' random streams differ.
+    engine.seed_everything(args.seed + distributed.rank(), deterministic=args.deterministic)
+    train_set, test_set, classes, channels = data
+    student = build_model(student_name, classes, channels)
+    if teacher is not None:
+        teacher = teacher.to(device)
+    plan = recipe(args, student_name)
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    config = engine.TrainConfig(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
+                                seed=args.seed, out_dir=Path(out), num_workers=args.workers,
+                                precision=args.precision, progress=progress,
+                                tensorboard=args.tensorboard)
+    milestones = list(plan.lr_decay_epochs)
+    _, history = train_model(
+        method, student, teacher, train_set, test_set, config, plan.lr, plan.weight_decay,
+        lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1),
+        resume=args.resume if resume is None else resume, device=device, sync_bn=args.sync_bn,
+        method_options=method_options)
+    last = history.rows[-1]
+    distributed.say(f"{method} {student_name}: epoch {last['epoch']}, test top-1 "
+                    f"{last['test_acc']:.2f}% (best {history.best_accuracy:.2f}%); "
+                    f"checkpoints in {out}")
+    return history
