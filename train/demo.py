@@ -77,8 +77,8 @@ def demo_figures(args, teacher, students, results, test_set) -> None:
     differences = correlation_differences(teacher_corr, student_corrs, list(students))
     maps = plot_correlation_differences(differences, teacher_corr, "digits", args.teacher,
                                         args.figures, args.format)
-    print(f"\nmean |C_teacher - C_student| (off-diagonal; class-logit correlations on the "
-          f"digits test split, each method's first seed):")
+    print("\nmean |C_teacher - C_student| (off-diagonal; class-logit correlations on the "
+          "digits test split, each method's first seed):")
     for d in differences:
         print(f"{d.label:>8}: {d.mean_abs:.4f} (max {d.max_abs:.4f})")
     pair = f"{args.teacher} -> {args.student}"
