@@ -1,7 +1,8 @@
 """Command line of the training application: `python -m train <command>`.
 
     demo           digits (offline): train a teacher, then students with vanilla, KD, ICD and
-                   ICD+KD over several seeds; print top-1 accuracy (mean +- std)
+                   ICD+KD over several seeds; print top-1 accuracy (mean +- std); draw
+                   each method's correlation-difference map and the table's bar chart
     train-teacher  train a model on a data set with the paper's recipe (the defaults)
     distill        train a student from a teacher checkpoint with a method of the registry
     evaluate       top-1 accuracy of a checkpoint on a data set's test split
