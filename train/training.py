@@ -62,7 +62,8 @@ def run_training(args, method: str, student_name: str, data, out: Path, teacher=
     config = engine.TrainConfig(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
                                 seed=args.seed, out_dir=Path(out), num_workers=args.workers,
                                 precision=args.precision, progress=progress,
-                                tensorboard=args.tensorboard)
+                                tensorboard=args.tensorboard,
+                                trust_checkpoint=args.trust_checkpoint)
     milestones = list(plan.lr_decay_epochs)
     _, history = train_model(
         method, student, teacher, train_set, test_set, config, plan.lr, plan.weight_decay,
