@@ -20,7 +20,7 @@ from train.training import train_model
 BENCHMARK_NCE_K = 16384
 # Upper 0.1% points of the chi-square distribution (statistical tables; e.g. scipy's
 # chi2.ppf(0.999, df)), by degrees of freedom.
-CHI2_999 = {4: 18.467, 19: 43.820, 39: 72.055}
+CHI2_999 = {4: 18.467, 19: 43.820, 39: 72.055, 51: 87.968}
 
 CLASS_SIZES = (4, 6, 8, 10, 12, 20)  # 60 samples; the last class's pool is 40 samples
 BIG_CLASS = 5
@@ -59,8 +59,9 @@ def test_negatives_are_distinct_valid_samples_of_other_classes():
 
 def test_k_beyond_a_pool_draws_with_replacement_as_the_benchmark_does():
     labels = tiny_labels()
-    # Pools: 60 minus the class size = 56, 54, 52, 50, 48 and 40: K = 45 exceeds only the last.
-    sampler = ClassAwareNegatives(labels, num_negatives=45)
+    # Pools: 60 minus the class size = 56, 54, 52, 50, 48 and 40: K = 53 exceeds those of
+    # classes 2 to 5 (drawn with replacement), not those of classes 0 and 1.
+    sampler = ClassAwareNegatives(labels, num_negatives=53)
     torch.manual_seed(1)
     anchors = torch.arange(60).repeat(20)
     rows = sampler(anchors)
@@ -69,32 +70,41 @@ def test_k_beyond_a_pool_draws_with_replacement_as_the_benchmark_does():
     assert not bool((labels[negatives] == labels[anchors].unsqueeze(1)).any())
     ordered = negatives.sort(dim=1).values
     repeats = (ordered[:, 1:] == ordered[:, :-1]).any(dim=1)
-    big = labels[anchors] == BIG_CLASS
-    assert bool(repeats[big].all())  # 45 draws from 40 samples must repeat one
-    assert not bool(repeats[~big].any())
-    # Drawn from the whole pool: every sample of another class shows up.
-    pool = (labels != BIG_CLASS).nonzero().flatten()
-    assert set(negatives[big].flatten().tolist()) == set(pool.tolist())
+    beyond = labels[anchors] >= 2
+    assert bool(repeats[beyond].all())  # 53 draws from at most 52 samples repeat one
+    assert not bool(repeats[~beyond].any())
+    for c in range(len(CLASS_SIZES)):  # drawn from the whole pool: every sample shows up
+        pool = (labels != c).nonzero().flatten()
+        drawn = negatives[labels[anchors] == c].flatten()
+        assert set(drawn.tolist()) == set(pool.tolist()), c
 
 
-@pytest.mark.parametrize("num_negatives, anchors_per_sample", [(10, 100), (60, 25)])
-def test_negatives_are_uniform_over_the_other_classes(num_negatives, anchors_per_sample):
-    # (10: without replacement; 60 > the pool of 40: with replacement.) Per sample of the
-    # pool and per class, Pearson's statistic stays below the 0.1% point of its chi-square
-    # distribution (conservative without replacement, whose counts vary less).
+# (anchor class, K, anchors per sample of that class): K = 10 is drawn without replacement,
+# K = 60 exceeds the pools of 40 (class 5) and 52 (class 2) and is drawn with replacement.
+UNIFORMITY_CASES = [(5, 10, 100), (5, 60, 25), (2, 60, 60)]
+
+
+@pytest.mark.parametrize("anchor_class, num_negatives, anchors_per_sample", UNIFORMITY_CASES)
+def test_negatives_are_uniform_over_the_other_classes(anchor_class, num_negatives,
+                                                      anchors_per_sample):
+    # Per sample of the pool and per class, Pearson's statistic stays below the 0.1% point
+    # of its chi-square distribution (conservative without replacement, whose counts vary
+    # less than multinomial ones).
     labels = tiny_labels()
     sampler = ClassAwareNegatives(labels, num_negatives=num_negatives)
     torch.manual_seed(2)
-    anchors = (labels == BIG_CLASS).nonzero().flatten().repeat(anchors_per_sample)
+    anchors = (labels == anchor_class).nonzero().flatten().repeat(anchors_per_sample)
     draws = anchors.numel() * num_negatives
     counts = torch.bincount(sampler(anchors)[:, 1:].flatten(), minlength=60)
-    pool = labels != BIG_CLASS
+    pool = labels != anchor_class
+    pool_size = 60 - CLASS_SIZES[anchor_class]
     assert int(counts[~pool].sum()) == 0
-    per_sample = torch.full((40,), draws / 40)
-    assert pearson(counts[pool], per_sample) < CHI2_999[39]
-    per_class = torch.stack([counts[labels == c].sum() for c in range(BIG_CLASS)])
-    expected = torch.tensor(CLASS_SIZES[:BIG_CLASS], dtype=torch.float64) * draws / 40
-    assert pearson(per_class, expected) < CHI2_999[4]
+    per_sample = torch.full((pool_size,), draws / pool_size)
+    assert pearson(counts[pool], per_sample) < CHI2_999[pool_size - 1]
+    others = [c for c in range(len(CLASS_SIZES)) if c != anchor_class]
+    per_class = torch.stack([counts[labels == c].sum() for c in others])
+    expected = torch.tensor([CLASS_SIZES[c] for c in others], dtype=torch.float64)
+    assert pearson(per_class, expected * draws / pool_size) < CHI2_999[len(others) - 1]
 
 
 def test_relax_mode_draws_the_positive_uniformly_from_the_anchors_class():
