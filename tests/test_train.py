@@ -9,7 +9,9 @@ import icd_fast
 from train import engine
 from train.cli import main as cli_main
 from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
+from train.data.labels import dataset_labels
 from train.distillers import DISTILLERS, build_distiller
+from train.distillers.crd import CRD
 from train.models import FeatureTap, build_model, model_names
 
 
@@ -52,13 +54,19 @@ def tiny_problem(seed=0):
     return stratified_subset(train, 0.15, seed), stratified_subset(test, 0.3, seed)
 
 
+# CRD's benchmark K (16384) would make these short runs slow; tests/test_crd.py covers it.
+FEW_NEGATIVES = {"num_negatives": 128}
+
+
 def make_distiller(method, seed=0, teacher=None):
     torch.manual_seed(seed)
     if teacher is None:
         teacher = build_model("resnet8", NUM_CLASSES, in_channels=1)
     student = build_model("resnet8", NUM_CLASSES, in_channels=1)
+    train = tiny_problem()[0]
+    options = FEW_NEGATIVES if issubclass(DISTILLERS[method], CRD) else {}
     return build_distiller(method, student, None if method == "vanilla" else teacher,
-                           num_samples=len(tiny_problem()[0]))
+                           num_samples=len(train), labels=dataset_labels(train), **options)
 
 
 @pytest.fixture(scope="module")

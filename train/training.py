@@ -9,7 +9,8 @@ from typing import Dict, Optional
 import torch
 
 from . import distributed, engine
-from .distillers import build_distiller
+from .data.labels import dataset_labels
+from .distillers import DISTILLERS, build_distiller
 from .models import build_model
 from .recipes import recipe
 
@@ -37,8 +38,11 @@ def train_model(method, student, teacher, train_set, test_set, config: engine.Tr
             raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
                              "implementation)")
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    # Read only for the methods that draw by class: a data set without labels trains others.
+    labels = (dataset_labels(train_set)
+              if getattr(DISTILLERS.get(method), "needs_labels", False) else None)
     distiller = build_distiller(method, student, teacher, num_samples=len(train_set),
-                                **(method_options or {})).to(device)
+                                labels=labels, **(method_options or {})).to(device)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     history = engine.fit(distiller, train_set, test_set, optimizer, make_scheduler(optimizer),
