@@ -151,9 +151,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert kept["epoch"] == good["epoch"] == 0
 
 
-def test_demo_prints_the_table(capsys):
+def test_demo_prints_the_table(capsys, tmp_path):
     assert cli_main(["demo", "--teacher-epochs", "1", "--epochs", "1", "--seeds", "2",
-                     "--image-size", "8", "--methods", "vanilla", "icd"]) == 0
+                     "--image-size", "8", "--methods", "vanilla", "icd",
+                     "--figures", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| vanilla |" in out and "| icd |" in out and "+-" in out
 

@@ -10,7 +10,15 @@
     configs        list the configs, one per row of the paper's tables and method
     run            run one config: the teacher (trained first when its checkpoint is
                    missing), the student, and for transfer configs the linear probes
-    results        the tables, from the finished runs (mean +- std over seeds)
+    results        the tables, from the finished runs (mean +- std over seeds); with --out
+                   also as Markdown files and bar charts
+    sweep          run one config over a grid of one loss weight and seeds; plot top-1
+                   against it (the paper's Figure 2)
+    correlation    |C_teacher - C_student| of the class-logit correlation matrices on a
+                   test split, one heatmap per student (the paper's Figure 1)
+    plot           curves of runs from their log.csv: loss terms, test top-1, learning rate
+
+Figures are PNG (--format pdf|svg), each with a JSON of its plotted values beside it.
 
 Data sets: cifar100, cifar10 (--data ROOT, --download), imagenet, tiny-imagenet (image
 folders under --data), digits (embedded, offline). Recipes (overridable): CIFAR 240 epochs,
@@ -38,6 +46,12 @@ from .configs import CONFIGS, TABLES
 from .data.catalog import TRAINING_SETS, TRANSFER_SETS, load_data
 from .demo import DEMO_METHODS, demo
 from .distillers import DISTILLERS
+from .figures.correlation import correlation_command
+from .figures.curves import plot_command
+from .figures.output import FORMATS
+from .figures.sweep import SWEEP_PARAMETERS, sweep_command
+from .figures.tables import write_results
+from .models import build_model
 from .probe import probe_checkpoint
 from .results import results_tables
 from .runs import run_config
@@ -85,6 +99,9 @@ def list_configs(args) -> int:
 
 def results_command(args) -> int:
     print(results_tables(Path(args.runs)))
+    if args.out:
+        for path in write_results(args.runs, args.out, args.format):
+            print(f"wrote {path}")
     return 0
 
 
@@ -105,6 +122,9 @@ def main(argv=None) -> int:
     d.add_argument("--lr", type=float, default=0.05)
     d.add_argument("--methods", nargs="+", default=list(DEMO_METHODS))
     d.add_argument("--threads", type=int, default=0)
+    d.add_argument("--figures", default="runs/demo/figures",
+                   help="folder of the correlation maps and the table's bar chart")
+    d.add_argument("--format", default="png", choices=FORMATS)
     d.set_defaults(run=demo)
 
     def data_options(p, dataset=True):
@@ -198,22 +218,65 @@ def main(argv=None) -> int:
     lp.set_defaults(run=linear_probe_command)
     c = sub.add_parser("configs", help="list the configs of the paper's tables")
     c.set_defaults(run=list_configs)
+    def config_run_options(p):
+        p.add_argument("config", help="e.g. cifar100/resnet56-resnet20/icd_kd (see `configs`)")
+        training_options(p, dataset=False)
+        loss_weight_arguments(p)
+        probe_options(p)
+        p.add_argument("--runs", default="./runs", help="folder of all runs (teachers included)")
+        teacher_sources(p, required=False)  # neither: the teacher is trained first
+        p.add_argument("--teacher-epochs", type=int, help="override the teacher's epochs")
+        p.add_argument("--stl10-data", default="./data", help="STL-10 root (transfer configs)")
+        p.add_argument("--tiny-imagenet-data", default="./data/tiny-imagenet-200",
+                       help="Tiny-ImageNet image folders (transfer configs)")
+        p.set_defaults(resume=True)
+
     r = sub.add_parser("run", help="run one config of the paper's tables")
-    r.add_argument("config", help="e.g. cifar100/resnet56-resnet20/icd_kd (see `configs`)")
-    training_options(r, dataset=False)
-    loss_weight_arguments(r)
-    probe_options(r)
-    r.add_argument("--runs", default="./runs", help="folder of all runs (teachers included)")
+    config_run_options(r)
     r.add_argument("--out", help="the student's run folder (default: under --runs)")
-    teacher_sources(r, required=False)  # neither: the teacher is trained first
-    r.add_argument("--teacher-epochs", type=int, help="override the teacher's epochs")
-    r.add_argument("--stl10-data", default="./data", help="STL-10 root (transfer configs)")
-    r.add_argument("--tiny-imagenet-data", default="./data/tiny-imagenet-200",
-                   help="Tiny-ImageNet image folders (transfer configs)")
-    r.set_defaults(run=run_config, resume=True)
+    r.set_defaults(run=run_config)
     res = sub.add_parser("results", help="the paper's tables from the runs of `run`")
     res.add_argument("--runs", default="./runs")
+    res.add_argument("--out", help="also write each table as TABLE.md and a bar chart here")
+    res.add_argument("--format", default="png", choices=FORMATS)
     res.set_defaults(run=results_command)
+    sw = sub.add_parser("sweep", help="run a config over a grid of one loss weight; plot top-1",
+                        description="Runs CONFIG once per value and seed, each in the run "
+                        "folder `run` would use with that weight (finished runs are not "
+                        "retrained), then plots top-1 (mean +- std over seeds) against the "
+                        "value. Default grids: " + "; ".join(
+                            f"{name} {' '.join(f'{v:g}' for v in p.grid)}"
+                            for name, p in SWEEP_PARAMETERS.items()))
+    config_run_options(sw)
+    sw.add_argument("--param", required=True, choices=list(SWEEP_PARAMETERS),
+                    help="the swept loss weight (lambda = kd-weight)")
+    sw.add_argument("--values", type=float, nargs="+", help="default: the paper's grid")
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    sw.add_argument("--plot-only", action="store_true",
+                    help="train nothing: plot the runs that exist")
+    sw.add_argument("--figures", help="figure folder (default: RUNS/figures)")
+    sw.add_argument("--format", default="png", choices=FORMATS)
+    sw.set_defaults(run=sweep_command)
+    co = sub.add_parser("correlation", help="teacher/student class-logit correlation maps")
+    data_options(co)
+    trust_option(co)
+    co.add_argument("--teacher-ckpt", required=True, help="checkpoint or run folder")
+    co.add_argument("--teacher", help="teacher architecture (default: from run folder names)")
+    co.add_argument("--student", nargs="+", required=True,
+                    help="checkpoints or run folders (a run folder's best.pt)")
+    co.add_argument("--student-model", nargs="+",
+                    help="student architecture(s), where run folder names do not say")
+    co.add_argument("--labels", nargs="+", help="panel titles (default: each run's method)")
+    co.add_argument("--batch-size", type=int, default=256)
+    co.add_argument("--out", default="./figures", help="figure folder")
+    co.add_argument("--format", default="png", choices=FORMATS)
+    co.set_defaults(run=correlation_command)
+    pl = sub.add_parser("plot", help="curves of runs from their log.csv, on one figure")
+    pl.add_argument("runs", nargs="+", help="run folders")
+    pl.add_argument("--out", default="./figures", help="figure folder")
+    pl.add_argument("--name", help="file name part (default: the runs' labels)")
+    pl.add_argument("--format", default="png", choices=FORMATS)
+    pl.set_defaults(run=plot_command)
     args = parser.parse_args(argv)
     try:
         status = args.run(args)

@@ -1,5 +1,7 @@
 """`demo`: the main job on the embedded digits data, offline: a teacher, then students of
-several methods over several seeds, and their top-1 accuracy (mean +- std)."""
+several methods over several seeds, and their top-1 accuracy (mean +- std); then the figures:
+each method's |C_teacher - C_student| of the class-logit correlations on the test split (its
+first seed's student) and a bar chart of the table."""
 from __future__ import annotations
 
 import statistics
@@ -9,7 +11,11 @@ import torch
 
 from . import engine
 from .data.digits import IN_CHANNELS, NUM_CLASSES, digits_datasets, stratified_subset
+from .figures.correlation import (correlation_differences, logit_correlations,
+                                  plot_correlation_differences)
+from .figures.tables import plot_table
 from .models import build_model
+from .results import Cell, ResultTable
 from .training import train_model
 
 DEMO_METHODS = ("vanilla", "kd", "icd", "icd_kd")
@@ -37,6 +43,7 @@ def demo(args) -> int:
     print(f"teacher {args.teacher}: {t_hist.rows[-1]['test_acc']:.2f}% "
           f"({time.time() - start:.0f} s)", flush=True)
     results = {}
+    first_students = {}  # method -> its first seed's student, for the correlation maps
     for method in args.methods:
         accs = []
         for seed in range(args.seeds):
@@ -48,6 +55,7 @@ def demo(args) -> int:
                                   student_set, test_set, config, args.lr, 5e-4,
                                   cosine(args.epochs))
             accs.append(hist.rows[-1]["test_acc"])
+            first_students.setdefault(method, student)
         results[method] = accs
         mean = statistics.mean(accs)
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
@@ -57,4 +65,24 @@ def demo(args) -> int:
     for method, accs in results.items():
         std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         print(f"| {method} | {statistics.mean(accs):.2f} +- {std:.2f} |")
+    demo_figures(args, teacher, first_students, results, test_set)
+    print(f"total {time.time() - start:.0f} s")
     return 0
+
+
+def demo_figures(args, teacher, students, results, test_set) -> None:
+    started = time.time()
+    teacher_corr, *student_corrs = logit_correlations([teacher, *students.values()], test_set,
+                                                      NUM_CLASSES)
+    differences = correlation_differences(teacher_corr, student_corrs, list(students))
+    maps = plot_correlation_differences(differences, teacher_corr, "digits", args.teacher,
+                                        args.figures, args.format)
+    print("\nmean |C_teacher - C_student| (off-diagonal; class-logit correlations on the "
+          "digits test split, each method's first seed):")
+    for d in differences:
+        print(f"{d.label:>8}: {d.mean_abs:.4f} (max {d.max_abs:.4f})")
+    pair = f"{args.teacher} -> {args.student}"
+    table = ResultTable(name="digits-demo", rows=[pair], columns=list(results),
+                        cells={(pair, m): Cell(measured=accs) for m, accs in results.items()})
+    chart = plot_table(table, args.figures, args.format)
+    print(f"figures: {maps}\n         {chart} ({time.time() - started:.1f} s)")

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 from . import distributed
 from .configs import get_config
@@ -18,6 +20,22 @@ def run_folder_name(config_name: str, seed, method_options=None) -> str:
     such runs never mix with the config's own."""
     weights = "".join(f"__{key}={value:g}" for key, value in sorted((method_options or {}).items()))
     return f"{config_name.replace('/', '__')}{weights}__seed{seed}"
+
+
+def parse_run_folder_name(name: str) -> Optional[Tuple[str, Dict[str, float], int]]:
+    """The inverse of run_folder_name: (config name, loss weights, seed), or None for a folder
+    name it did not make (a teacher's, or distill's --out)."""
+    parts = name.split("__")
+    seed = re.fullmatch(r"seed(\d+)", parts[-1])
+    if seed is None or len(parts) < 2:
+        return None
+    weights = dict(part.split("=", 1) for part in parts[:-1] if "=" in part)
+    try:
+        options = {key: float(value) for key, value in weights.items()}
+    except ValueError:
+        return None
+    config_name = "/".join(part for part in parts[:-1] if "=" not in part)
+    return config_name, options, int(seed.group(1))
 
 
 def teacher_run_folder(runs: Path, dataset: str, teacher: str) -> Path:
