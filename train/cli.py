@@ -35,6 +35,7 @@ from .demo import DEMO_METHODS, demo
 from .distillers import DISTILLERS
 from .models import build_model
 from .probe import probe_checkpoint
+from .recipes import INIT_STAGE_EPOCHS
 from .results import results_tables
 from .runs import run_config
 from .training import loss_weight_options, run_training
@@ -136,6 +137,9 @@ def main(argv=None) -> int:
                        help="weight of Hinton's KD (T = 4)")
         w.add_argument("--beta", type=float, help="weight of the method's own loss")
         w.add_argument("--alpha", type=float, help="ICD: weight of the invariance (KL) term")
+        w.add_argument("--init-epochs", type=int, default=INIT_STAGE_EPOCHS,
+                       help="epochs of the initialisation stage of AB, FT and FSP "
+                            f"(default {INIT_STAGE_EPOCHS}, as in the CRD benchmark)")
 
     def probe_options(p):
         p.add_argument("--image-size", type=int, default=32,

@@ -6,6 +6,9 @@
 Methods come from a registry (`DISTILLERS`, `build_distiller`). Teacher and student
 penultimate features are taken by forward hooks on their classifiers (train.models.FeatureTap),
 so any model of the zoo, or any torchvision model, can play either part.
+
+The CRD benchmark's comparison methods (FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST)
+are in feature_methods.py, their criteria in criteria.py (`build_criterion`).
 """
 from __future__ import annotations
 
@@ -33,19 +36,24 @@ def register(name: str):
 
 
 def build_distiller(method: str, student: nn.Module, teacher: Optional[nn.Module] = None,
-                    num_samples: Optional[int] = None, **options) -> "Distiller":
-    """num_samples (the training set's size) reaches the methods that keep per-sample state."""
+                    num_samples: Optional[int] = None,
+                    example_images: Optional[torch.Tensor] = None, **options) -> "Distiller":
+    """num_samples (the training set's size) reaches the methods that keep per-sample state,
+    example_images (a batch of the data's shape) those that size layers from feature maps."""
     if method not in DISTILLERS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(DISTILLERS))}")
     cls = DISTILLERS[method]
     accepted = inspect.signature(cls.__init__).parameters
     unknown = sorted(k for k in options if k not in accepted)
     if unknown:
-        takes = [k for k in accepted if k not in ("self", "student", "teacher", "num_samples")]
+        takes = [k for k in accepted if k not in ("self", "student", "teacher", "num_samples",
+                                                  "example_images")]
         raise ValueError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(takes) or 'none'}")
     if getattr(cls, "needs_num_samples", False):
         options["num_samples"] = num_samples
+    if getattr(cls, "needs_example_images", False):
+        options["example_images"] = example_images
     return cls(student, teacher, **options)
 
 
@@ -80,6 +88,14 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()  # the teacher's batch-norm statistics stay fixed
         return self
+
+    def trainable_parameters(self):
+        """What the optimiser of the (main) stage trains."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def init_stage(self):
+        """Two-stage methods: the module of their initialisation stage (None: one stage)."""
+        return None
 
     def teacher_outputs(self, images) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -219,3 +235,11 @@ class CRD(Distiller):
         if self.lam:
             losses["kd"] = self.lam * kd_loss(logits, t_logits, self.temperature)
         return logits, losses
+
+
+# The comparison methods register themselves on import.
+from . import feature_methods  # noqa: E402,F401
+from .criteria import CRITERIA, build_criterion  # noqa: E402
+
+__all__ = ["CRITERIA", "DISTILLERS", "Distiller", "build_criterion", "build_distiller",
+           "feature_methods", "kd_loss", "register"]
