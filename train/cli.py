@@ -51,8 +51,8 @@ from .figures.curves import plot_command
 from .figures.output import FORMATS
 from .figures.sweep import SWEEP_PARAMETERS, sweep_command
 from .figures.tables import write_results
-from .models import build_model
 from .probe import probe_checkpoint
+from .recipes import INIT_STAGE_EPOCHS
 from .results import results_tables
 from .runs import run_config
 from .teachers import PUBLISHED_LAYOUT, load_teacher
@@ -176,6 +176,9 @@ def main(argv=None) -> int:
                        help="weight of Hinton's KD (T = 4)")
         w.add_argument("--beta", type=float, help="weight of the method's own loss")
         w.add_argument("--alpha", type=float, help="ICD: weight of the invariance (KL) term")
+        w.add_argument("--init-epochs", type=int, default=INIT_STAGE_EPOCHS,
+                       help="epochs of the initialisation stage of AB, FT and FSP "
+                            f"(default {INIT_STAGE_EPOCHS}, as in the CRD benchmark)")
 
     def probe_options(p):
         p.add_argument("--image-size", type=int, default=32,

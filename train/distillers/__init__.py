@@ -6,6 +6,9 @@
 Methods come from a registry (`DISTILLERS`, `build_distiller`). Teacher and student
 penultimate features are taken by forward hooks on their classifiers (train.models.FeatureTap),
 so any model of the zoo, or any torchvision model, can play either part.
+
+The CRD benchmark's comparison methods (FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST)
+are in feature_methods.py, their criteria in criteria.py (`build_criterion`).
 """
 from __future__ import annotations
 
@@ -34,23 +37,24 @@ def register(name: str):
 
 def build_distiller(method: str, student: nn.Module, teacher: Optional[nn.Module] = None,
                     num_samples: Optional[int] = None, labels: Optional[torch.Tensor] = None,
+                    example_images: Optional[torch.Tensor] = None,
                     **options) -> "Distiller":
-    """num_samples (the training set's size) reaches the methods that keep per-sample state,
-    labels (every training sample's class) those that draw by class (needs_labels)."""
+    """Facts about the training set reach only the methods that declare they need them:
+    num_samples (its size: per-sample state), labels (every sample's class: drawing by class),
+    example_images (a batch of its shape: layers sized from feature maps)."""
     if method not in DISTILLERS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(sorted(DISTILLERS))}")
     cls = DISTILLERS[method]
+    facts = {"num_samples": num_samples, "labels": labels, "example_images": example_images}
     accepted = inspect.signature(cls.__init__).parameters
-    unknown = sorted(k for k in options if k not in accepted)
+    unknown = sorted(k for k in options if k not in accepted or k in facts)
     if unknown:
-        takes = [k for k in accepted if k not in ("self", "student", "teacher", "num_samples",
-                                                     "labels")]
+        takes = [k for k in accepted if k not in ("self", "student", "teacher", *facts)]
         raise ValueError(f"method {method!r} has no option {', '.join(unknown)}; its options: "
                          f"{', '.join(takes) or 'none'}")
-    if getattr(cls, "needs_num_samples", False):
-        options["num_samples"] = num_samples
-    if getattr(cls, "needs_labels", False):
-        options["labels"] = labels
+    for fact, value in facts.items():
+        if getattr(cls, f"needs_{fact}", False):
+            options[fact] = value
     return cls(student, teacher, **options)
 
 
@@ -85,6 +89,14 @@ class Distiller(nn.Module):
         if self.teacher is not None:
             self.teacher.eval()  # the teacher's batch-norm statistics stay fixed
         return self
+
+    def trainable_parameters(self):
+        """What the optimiser of the (main) stage trains."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def init_stage(self):
+        """Two-stage methods: the module of their initialisation stage (None: one stage)."""
+        return None
 
     def teacher_outputs(self, images) -> Tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
@@ -157,6 +169,8 @@ class ICDKD(ICD):
 
 
 # Methods in modules of their own register themselves when imported.
-from . import crd  # noqa: E402
+from . import crd, feature_methods  # noqa: E402
+from .criteria import CRITERIA, build_criterion  # noqa: E402
 
-METHOD_MODULES = (crd,)
+__all__ = ["CRITERIA", "DISTILLERS", "Distiller", "build_criterion", "build_distiller",
+           "crd", "feature_methods", "kd_loss", "register"]
