@@ -187,8 +187,11 @@ def test_a_file_without_weights_or_not_a_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointMismatch, match="no_weights.pth holds no model weights"):
         load_model_weights(build_model("resnet8", 10), tmp_path / "no_weights.pth")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="text.pth cannot be read"):
-        read_checkpoint(tmp_path / "text.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "no_weights.pth").read_bytes()[:100])
+    for name in ("text.pth", "empty.pth", "cut.pth"):
+        with pytest.raises(ValueError, match=f"{name} cannot be read: not a file torch.save"):
+            read_checkpoint(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
         read_checkpoint(tmp_path / "nowhere.pth")
 
@@ -366,3 +369,13 @@ def test_run_uses_the_published_teacher_instead_of_training_one(tmp_path, no_md5
                  "--runs", str(runs), "--teachers", str(teachers), "--epochs", "1",
                  "--batch-size", "4"]) == 2
     assert str(teachers / "resnet110_vanilla" / "ckpt_epoch_240.pth") in capsys.readouterr().err
+
+
+def test_the_published_teachers_are_the_benchmarks_with_its_accuracies():
+    # As the CRD benchmark reports them (issue 8): each config's CIFAR-100 teacher is one.
+    assert PUBLISHED_TEACHERS == {"resnet56": 72.34, "resnet110": 74.31, "resnet32x4": 79.42,
+                                  "wrn_40_2": 75.61, "vgg13": 74.64, "ResNet50": 79.34}
+    from train.configs import CONFIGS
+
+    cifar_teachers = {c.teacher for c in CONFIGS.values() if c.dataset == "cifar100"}
+    assert cifar_teachers == set(PUBLISHED_TEACHERS)

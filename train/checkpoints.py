@@ -75,20 +75,19 @@ def read_checkpoint(path, trust: bool = False, map_location="cpu"):
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         if found is None:
-            raise ValueError(f"checkpoint {path} cannot be read: "
-                             f"{_last_line(error)}") from error
+            raise _unreadable(path, error) from error
         raise UntrustedCheckpoint(
             f"checkpoint {path} needs the Python global {found.group(1)}, which a safe load "
             f"(torch.load weights_only=True) refuses: unpickling it could run code the file "
             f"carries. If you trust the file's source, pass --trust-checkpoint to load it "
             f"with weights_only=False at your own risk.") from None
-    except RuntimeError as error:  # not a torch.save file, truncated zip, ...
-        raise ValueError(f"checkpoint {path} cannot be read: {_last_line(error)}") from error
+    except (RuntimeError, EOFError) as error:  # truncated, empty, not a torch.save file
+        raise _unreadable(path, error) from error
 
 
-def _last_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+def _unreadable(path, error: Exception) -> ValueError:
+    return ValueError(f"checkpoint {path} cannot be read: not a file torch.save wrote, or a "
+                      f"damaged one ({type(error).__name__})")
 
 
 def _is_state_dict(obj) -> bool:
@@ -120,7 +119,7 @@ def _unwrap(state: Dict[str, torch.Tensor], model_keys) -> Dict[str, torch.Tenso
     """Removes the wrappers' prefixes (any nesting of DDP, compile and a distiller)."""
     while True:
         wrapper = next((p for p in WRAPPER_PREFIXES
-                        if all(key.startswith(p) for key in state)), None)
+                        if state and all(key.startswith(p) for key in state)), None)
         if wrapper is not None:
             state = _strip_prefix(state, wrapper)
         elif (any(key.startswith(STUDENT_PREFIX) for key in state)
