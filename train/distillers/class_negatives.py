@@ -89,6 +89,8 @@ class ClassAwareNegatives(nn.Module):
         distinct = pools >= self.num_negatives
         if bool(distinct.all()):  # the usual case (CIFAR, ImageNet): no boolean indexing
             negatives = self._without_replacement(classes)
+        elif not bool(distinct.any()):  # every pool smaller than K (few-sample data sets)
+            negatives = self._with_replacement(classes, pools)
         else:
             negatives = torch.empty(indices.shape[0], self.num_negatives, dtype=torch.long,
                                     device=indices.device)
