@@ -14,6 +14,7 @@ from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
 from train.data.labels import dataset_labels
 from train.distillers import build_distiller
 from train.distillers.class_negatives import ClassAwareNegatives
+from train.distillers.crd import CRD
 from train.training import train_model
 
 # The benchmark's nce_k (RepDistiller train_student.py, --nce_k default).
@@ -237,6 +238,22 @@ def test_crd_kd_is_ce_plus_kd_plus_0_8_crd():
     assert losses["crd_kd"]["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
     assert losses["crd_kd"]["ce"].item() == pytest.approx(
         F.cross_entropy(logits, labels[batch]).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("rows_per_draw", [2, 200])  # the full product, the gathered rows
+def test_both_ways_to_the_scores_give_the_drawn_dot_products(rows_per_draw):
+    torch.manual_seed(8)
+    draws = 5
+    memory = torch.randn(draws * rows_per_draw, 16)
+    indices = torch.randint(0, memory.shape[0], (6, draws))
+    anchor = torch.randn(6, 16, requires_grad=True)
+    products = CRD._dot_products(memory, anchor, indices)
+    expected = (memory[indices] * anchor.detach().unsqueeze(1)).sum(2)
+    assert torch.allclose(products, expected, atol=1e-5)
+    weights = torch.randn(6, draws)
+    (products * weights).sum().backward()
+    assert torch.allclose(anchor.grad, (weights.unsqueeze(2) * memory[indices]).sum(1),
+                          atol=1e-5)
 
 
 def crd_run(train, test, epochs, out_dir, resume, seed):

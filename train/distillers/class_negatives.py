@@ -85,13 +85,15 @@ class ClassAwareNegatives(nn.Module):
         self._check(indices, labels)
         classes = self.labels[indices]
         positives = indices if self.mode == "exact" else self._same_class(classes)
-        negatives = torch.empty(indices.shape[0], self.num_negatives, dtype=torch.long,
-                                device=indices.device)
         pools = self.pool_sizes(classes)
         distinct = pools >= self.num_negatives
         if bool(distinct.all()):  # the usual case (CIFAR, ImageNet): no boolean indexing
             negatives = self._without_replacement(classes)
+        elif not bool(distinct.any()):  # every pool smaller than K (few-sample data sets)
+            negatives = self._with_replacement(classes, pools)
         else:
+            negatives = torch.empty(indices.shape[0], self.num_negatives, dtype=torch.long,
+                                    device=indices.device)
             if bool(distinct.any()):
                 negatives[distinct] = self._without_replacement(classes[distinct])
             repeat = ~distinct
