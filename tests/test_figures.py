@@ -261,3 +261,19 @@ def test_demo_writes_its_figures_and_prints_each_methods_difference(tmp_path, ca
     assert len(table_rows) == 1
     (vanilla,) = [c for c in sidecar(chart)["cells"] if c["column"] == "vanilla"]
     assert table_rows[0] == f"| vanilla | {vanilla['mean']:.2f} +- 0.00 |"
+
+
+def test_run_labels_come_from_the_folder_names_or_the_last_checkpoint(tmp_path):
+    from train.figures.run_folders import describe_run, run_labels
+
+    distilled = tmp_path / "my-distillation"
+    distilled.mkdir()
+    torch.save({"method": "icd_kd", "epoch": 3}, distilled / "last.pt")
+    runs = [describe_run(tmp_path / name) for name in (
+        "cifar100__wrn_40_2-wrn_40_1__kd__seed0", "cifar100__wrn_40_2-wrn_40_1__kd__seed1",
+        "cifar100__wrn_40_2-wrn_40_1__icd__alpha=0.1__seed0", "teacher-wrn_40_2")]
+    runs.append(describe_run(distilled))
+    assert run_labels(runs) == ["kd seed 0", "kd seed 1", "icd (alpha=0.1)", "teacher wrn_40_2",
+                                "icd_kd"]
+    assert [r.model for r in runs] == ["wrn_40_1"] * 3 + ["wrn_40_2", None]
+    assert runs[0].teacher == "wrn_40_2"

@@ -26,7 +26,7 @@ def pyplot():
 def file_stem(*parts: str) -> str:
     """A file name from what the figure shows: '/' and other separators become '-'."""
     text = "_".join(p for p in parts if p)
-    return re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text).strip("-")
+    return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9_.=+-]+", "-", text)).strip("-")
 
 
 def _finite_or_none(value):

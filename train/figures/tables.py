@@ -38,11 +38,21 @@ def plot_table(table: ResultTable, folder, fmt: str = "png") -> Path:
     width = min(MAX_WIDTH_INCHES, max(6.0, 0.22 * group * len(table.rows) + 2))
     fig, ax = plt.subplots(figsize=(width, 4.2), constrained_layout=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(table.columns) > len(colours):  # the tables' 17 methods: no colour twice
+        colours = list(plt.get_cmap("tab20").colors)
     heights = [h for c in values["cells"] for h in (
         (c["mean"] - c["std"]) if c["mean"] is not None else None, c["published"])
         if h is not None]
     floor = max(0.0, math.floor(min(heights, default=0.0) - 5.0))
     missing_x = []
+    labelled = set()  # each legend entry once, from the first bar drawn for it
+
+    def label(text):
+        if text in labelled:
+            return None
+        labelled.add(text)
+        return text
+
     for j, column in enumerate(table.columns):
         colour = colours[j % len(colours)]
         for i, row in enumerate(table.rows):
@@ -50,13 +60,13 @@ def plot_table(table: ResultTable, folder, fmt: str = "png") -> Path:
             cell = cells[(row, column)]
             if cell["mean"] is not None:
                 ax.bar(x, cell["mean"] - floor, bottom=floor, yerr=cell["std"], capsize=2,
-                       color=colour, label=column if i == 0 else None)
+                       color=colour, label=label(column))
             else:
                 missing_x.append(x)
             if cell["published"] is not None:
                 ax.bar(x + 1, cell["published"] - floor, bottom=floor, color=colour,
                        alpha=0.45, hatch="//", edgecolor="black", linewidth=0.3,
-                       label=f"{column} (published)" if i == 0 else None)
+                       label=label(f"{column} (published)"))
     if missing_x:  # a cell nothing was measured for is marked, not drawn as zero
         ax.scatter(missing_x, [floor] * len(missing_x), marker="x", color="grey",
                    clip_on=False, zorder=3, label="not measured")
