@@ -2,6 +2,7 @@
 the engine's loop; the recipe and run folder come from the command line."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -33,6 +34,22 @@ def example_batch(dataset) -> torch.Tensor:
     return torch.zeros(2, *dataset[0][0].shape)
 
 
+@contextlib.contextmanager
+def only_trainable(module: torch.nn.Module, trainable):
+    """Within the block, `module`'s parameters outside `trainable` take no gradient: DDP
+    requires every parameter that asks for a gradient to get one (AB's connectors and FT's
+    paraphraser sit out a stage), and backward skips what no optimiser steps."""
+    keep = {id(p) for p in trainable}
+    frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def train_init_stage(distiller, train_set, test_set, config: engine.TrainConfig, lr: float,
                      weight_decay: float, epochs: int, resume: bool):
     """A two-stage method's initialisation stage: SGD at a constant lr on what the stage
@@ -43,12 +60,13 @@ def train_init_stage(distiller, train_set, test_set, config: engine.TrainConfig,
     stage = distiller.init_stage()
     if stage is None or epochs == 0:
         return None
-    optimizer = torch.optim.SGD(stage.trainable_parameters(), lr=lr, momentum=0.9,
-                                weight_decay=weight_decay)
+    trainable = stage.trainable_parameters()
+    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay)
     stage_config = dataclasses.replace(
         config, epochs=epochs,
         out_dir=None if config.out_dir is None else Path(config.out_dir) / "init")
-    return engine.fit(stage, train_set, test_set, optimizer, None, stage_config, resume)
+    with only_trainable(distiller, trainable):
+        return engine.fit(stage, train_set, test_set, optimizer, None, stage_config, resume)
 
 
 def train_model(method, student, teacher, train_set, test_set, config: engine.TrainConfig,
@@ -75,8 +93,9 @@ def train_model(method, student, teacher, train_set, test_set, config: engine.Tr
                      weight_decay, init_epochs, resume)
     params = distiller.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    history = engine.fit(distiller, train_set, test_set, optimizer, make_scheduler(optimizer),
-                         config, resume)
+    with only_trainable(distiller, params):
+        history = engine.fit(distiller, train_set, test_set, optimizer,
+                             make_scheduler(optimizer), config, resume)
     return distiller, history
 
 

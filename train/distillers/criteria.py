@@ -118,13 +118,14 @@ class Criterion(nn.Module):
 
     preact = False  # AB alone reads the stages before their final ReLU
     points: Callable = staticmethod(stage_points)
+    pairs_stages = False  # True: stage i of the student is compared with stage i of the teacher
 
     def __init__(self, student_features, teacher_features):
         super().__init__()
         _check_feature_list(student_features, "student")
         _check_feature_list(teacher_features, "teacher")
-        if len(stage_points(student_features)) != len(stage_points(teacher_features)) and \
-                self.points in (stage_points, stem_and_stages):
+        if self.pairs_stages and \
+                len(stage_points(student_features)) != len(stage_points(teacher_features)):
             raise ValueError(
                 f"criterion {self.name!r} pairs the stages, but the student has "
                 f"{len(stage_points(student_features))} and the teacher "
@@ -191,6 +192,8 @@ class FitNet(Criterion):
 @register("at")
 class AttentionTransfer(Criterion):
     """Zagoruyko & Komodakis, Attention Transfer (ICLR 2017), p = 2, on every stage."""
+
+    pairs_stages = True
 
     def __init__(self, student_features, teacher_features, p: float = 2.0):
         super().__init__(student_features, teacher_features)
@@ -274,6 +277,8 @@ class VariationalRegressor(nn.Module):
 class VariationalInformation(Criterion):
     """Ahn et al., Variational Information Distillation (CVPR 2019): a Gaussian negative
     log-likelihood of each teacher stage given the student's, summed over the stages."""
+
+    pairs_stages = True
 
     def __init__(self, student_features, teacher_features, init_variance: float = 5.0):
         super().__init__(student_features, teacher_features)
@@ -360,6 +365,8 @@ class NeuronSelectivity(Criterion):
     """Huang & Wang, Neuron Selectivity Transfer (2017): squared MMD with a polynomial kernel
     between the stages' L2-normalised channel maps, summed over the stages."""
 
+    pairs_stages = True
+
     def loss(self, student, teacher):
         total = 0.0
         for s, t in zip(student, teacher):
@@ -388,6 +395,8 @@ class FlowOfSolution(Criterion):
     """Yim et al., A Gift from Knowledge Distillation (CVPR 2017): mean squared difference of
     the FSP matrices between consecutive points from the stem to the last stage, summed."""
 
+    pairs_stages = True
+
     points = staticmethod(stem_and_stages)
 
     def __init__(self, student_features, teacher_features):
@@ -410,6 +419,8 @@ class ActivationBoundaries(Criterion):
     stage i of n weighs 2^(i - n + 1), and the sum is divided by N and scaled by 3/1000 as
     in the benchmark. A connector (regressor without ReLU) maps student stages whose channels
     or size differ from the teacher's."""
+
+    pairs_stages = True
 
     preact = True
 

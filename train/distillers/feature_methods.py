@@ -86,17 +86,21 @@ class FeatureMethod(Distiller):
         return self.criterion if self.main_stage_loss else nn.ModuleList()
 
     def forward(self, images, labels, indices=None):
-        preact = self.criterion.preact
-        with torch.no_grad():
-            t_features, t_logits = feature_points(self.teacher, images, preact=preact)
+        t_logits = None
         if self.main_stage_loss:
+            preact = self.criterion.preact
+            with torch.no_grad():
+                t_features, t_logits = feature_points(self.teacher, images, preact=preact)
             s_features, logits = feature_points(self.student, images, preact=preact)
+            losses = {"ce": self.gamma * F.cross_entropy(logits, labels),
+                      self.method: self.beta * self.criterion(s_features, t_features)}
         else:
             logits = self.student(images)
-        losses = {"ce": self.gamma * F.cross_entropy(logits, labels)}
-        if self.main_stage_loss:
-            losses[self.method] = self.beta * self.criterion(s_features, t_features)
+            losses = {"ce": self.gamma * F.cross_entropy(logits, labels)}
         if self.lam:
+            if t_logits is None:
+                with torch.no_grad():
+                    t_logits = self.teacher(images)
             losses["kd"] = self.lam * kd_loss(logits, t_logits, self.temperature)
         return logits, losses
 
