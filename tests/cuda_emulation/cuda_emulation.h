@@ -99,6 +99,15 @@ inline void report_misuse(const char* what) {
   const char* none = nullptr;
   misuse.compare_exchange_strong(none, what);
 }
+
+// The virtual arch the emulated device code stands for (cudaFuncAttributes::ptxVersion, set by
+// the launcher): the kernels compile their tensor-core products to __trap() below compute_80,
+// so a WMMA call in code "compiled" for an older arch is reported as that trap.
+inline std::atomic<int> device_code_arch{90};
+inline void check_tensor_cores_compiled() {
+  if (device_code_arch.load() < 80)
+    report_misuse("__trap(): tensor-core products in device code compiled below compute_80");
+}
 }  // namespace cuda_emulation
 
 // A 16-byte vector load or store (the kernels' Pack16) faults on a GPU unless its address is
@@ -158,6 +167,7 @@ void load_matrix_sync(fragment<Use, M, N, K, T, Layout>& f,
                       const typename fragment<Use, M, N, K, T, Layout>::element_t* p,
                       unsigned int ldm) {
   static_assert(!std::is_same_v<Use, accumulator>, "this emulation loads operands only");
+  cuda_emulation::check_tensor_cores_compiled();
   check_tile_pointer(p, ldm);
   using F = fragment<Use, M, N, K, T, Layout>;
   for (int r = 0; r < F::kRows; ++r)
@@ -176,6 +186,7 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d,
               const fragment<matrix_a, M, N, K, Tab, LayoutA>& a,
               const fragment<matrix_b, M, N, K, Tab, LayoutB>& b,
               const fragment<accumulator, M, N, K, float>& c) {
+  cuda_emulation::check_tensor_cores_compiled();
   if constexpr (std::is_same_v<Tab, precision::tf32>) {  // the hardware ignores the low bits
     const auto check = [](const auto& tile) {
       for (const auto& row : tile)
