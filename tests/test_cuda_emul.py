@@ -110,6 +110,33 @@ def test_emul_float32_on_tf32_tensor_cores(emulated, n, d):
         assert_rel_close(got, ref, 3e-3, "grad")
 
 
+@pytest.mark.parametrize("upstream", [2.0 ** 16, 2.0 ** 24], ids=["2^16", "2^24"])
+@pytest.mark.parametrize("dtype,arch", [(torch.float16, ARCH_WITH_TENSOR_CORES),
+                                        (torch.bfloat16, ARCH_WITH_TENSOR_CORES),
+                                        (torch.float16, ARCH_WITHOUT)],
+                         ids=["fp16-wmma", "bf16-wmma", "fp16-simt"])
+def test_emul_large_upstream_gradient(emulated, dtype, arch, upstream):
+    # torch.amp.GradScaler multiplies the loss by 2^16 (and up to 2^24 as it grows): the
+    # logit gradients scale with it, and rounded to fp16 for the tensor cores their diagonal
+    # (-upstream (1 - P_ii), P_ii ~ 0 here: the teacher's rows point away from the student's)
+    # would overflow 65504. The features are scaled up so that the true feature gradients
+    # (which fall as 1/||z||) stay well inside fp16, as they do in real training.
+    n, d = 45, 24
+    z_s, z_t, th = make_inputs(n, d, torch.float64, log_scale=3.0, seed=11, requires_grad=False)
+    z_t = 0.2 * z_t - z_s
+    _, unit_grads = oracle(z_s, z_t, th.float())
+    size = max(g.abs().max().item() for g in unit_grads[:2]) * upstream / 1e3
+    z_s, z_t = ((size * z).to(dtype) for z in (z_s, z_t))
+    th = th.float()
+    (loss, _, _), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=arch,
+                                                  upstream=upstream)
+    (want, _, _), w_grads = oracle(z_s, z_t, th)
+    assert_rel_close(loss, want, 3e-4, "loss")
+    for got, ref, name in zip(grads, w_grads, ["z_s", "z_t", "log_scale"]):
+        assert torch.isfinite(got).all(), f"grad {name} not finite at upstream {upstream}"
+        assert_rel_close(got, upstream * ref, 1e-2, f"grad {name}")
+
+
 # (dtype, compiled arch, TF32 allowed) -> products: by what the device code was compiled for
 # (cudaFuncAttributes::ptxVersion), never by the GPU's compute capability.
 @pytest.mark.parametrize("dtype,arch,tf32,want", [

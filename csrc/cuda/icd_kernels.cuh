@@ -289,6 +289,35 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
   static_cast<T*>(base)[index] = static_cast<T>(v);
 }
 
+// The upstream weights of the logit gradients G = w_ce A + w_kl B, divided by 2^e, the power
+// of two that brings the larger weight's magnitude into [1, 2): the G tiles hold G / 2^e, and
+// the sums of their products are multiplied by 2^e afterwards. On the tensor cores the tiles
+// are rounded to fp16, whose largest value is 65504: with torch.amp.GradScaler's default
+// upstream gradient of 2^16, the diagonal G_ii ~ -w_ce would become inf and every step be
+// skipped. With |A| <= 1 and |B| bounded by the logits (not by the weights) nothing
+// overflows, and scalings by powers of two are exact (no bits change in fp32/fp64 unless
+// the scaled G would be subnormal). A zero or non-finite weight keeps the scale 1, so that
+// inf/NaN propagate unchanged.
+template <typename acc_t>
+struct UpstreamWeights {
+  acc_t ce, kl;   // the weights divided by `scale`
+  double scale;   // 2^e
+};
+template <typename acc_t>
+__device__ __forceinline__ UpstreamWeights<acc_t> scaled_upstream_weights(acc_t w_ce,
+                                                                         acc_t w_kl) {
+  const double largest =
+      std::fmax(std::fabs(static_cast<double>(w_ce)), std::fabs(static_cast<double>(w_kl)));
+  int exponent = 0;
+  if (largest > 0 && std::isfinite(largest)) {
+    std::frexp(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
+    --exponent;
+  }
+  return {static_cast<acc_t>(std::ldexp(static_cast<double>(w_ce), -exponent)),
+          static_cast<acc_t>(std::ldexp(static_cast<double>(w_kl), -exponent)),
+          std::ldexp(1.0, exponent)};
+}
+
 // ---------------------------------------------------------------------------------------
 // The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
 // for the block's rows, then back through the normalisation, and (last block) d theta.
@@ -307,9 +336,11 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   const double log_scale = *p.log_scale;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(log_scale, p.max_scale));
   const acc_t g_loss = p.grad_loss ? *p.grad_loss : acc_t(0);
-  const acc_t w_ce = g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0));
-  const acc_t w_kl = p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0));
-  const acc_t a = kappa / static_cast<acc_t>(n);
+  const UpstreamWeights<acc_t> w = scaled_upstream_weights<acc_t>(
+      g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0)),
+      p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0)));
+  // kappa / N, and the weights' 2^e that the G tiles leave out.
+  const acc_t a = kappa / static_cast<acc_t>(n) * static_cast<acc_t>(w.scale);
   const bool row_ok = i < n;
   const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
   const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
@@ -329,10 +360,10 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
         const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
             l_ij, l_ji, r_i, c_i, k_i, r_j, c_j, k_j,
             pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
-            j == i ? acc_t(1) : acc_t(0), w_ce, w_kl);
+            j == i ? acc_t(1) : acc_t(0), w.ce, w.kl);
         g_ij = g.ij;
         g_ji = g.ji;
-        dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij
+        dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij / 2^e
       }
       tiles.gx[row][jj] = Products::to_operand(g_ij);
       tiles.gy[row][jj] = Products::to_operand(g_ji);
@@ -374,8 +405,8 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
     for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads) total += p.block_dkappa[b];
     total = block_sum(total, reduce_scratch);
     if (tid == 0)
-      *p.grad_log_scale =
-          static_cast<acc_t>(total / n * scale_grad_factor(log_scale, p.max_scale));
+      *p.grad_log_scale = static_cast<acc_t>(total * w.scale / n *
+                                             scale_grad_factor(log_scale, p.max_scale));
   }
 }
 
