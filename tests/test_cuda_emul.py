@@ -210,12 +210,46 @@ def test_emul_float64_matches_oracle_to_1e10(emulated, n, d, theta, max_scale):
     assert_grads_match(grads, w_grads, n, d, 1e-9, f"N={n} D={d} theta={theta}")
 
 
-def test_emul_repeats_bit_for_bit(emulated):
-    z_s, z_t, th = make_inputs(70, 20, torch.float32, requires_grad=False)
-    first = emulated_loss_and_grads(emulated, z_s, z_t, th)
-    second = emulated_loss_and_grads(emulated, z_s, z_t, th)
-    for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1])):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("arch", [ARCH_WITH_TENSOR_CORES, ARCH_WITHOUT], ids=["wmma", "simt"])
+def test_emul_same_bits_in_any_block_order(emulated, arch):
+    # Blocks run in a shuffled order, several at once, so a different block finishes last
+    # and reduces the scalars each time: every output must still have the same bits (the
+    # reductions run in a fixed order, whichever block does them).
+    z_s, z_t, th = make_inputs(200, 20, torch.float16, requires_grad=False)
+    runs = []
+    for seed, concurrent in [(1, 1), (7, 4), (123, 3), (5, 8)]:
+        emulated.set_schedule(seed, concurrent)
+        try:
+            (loss, ce, kl), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=arch)
+        finally:
+            emulated.set_schedule(1, 3)
+        runs.append([loss, ce, kl, *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    (want, _, _), _ = oracle(z_s, z_t, th)
+    assert_rel_close(runs[0][0], want, 3e-4, "loss")
+
+
+# Above 130 rows: 9 blocks, the last one ragged (257 = 8 * 32 + 1), D ragged against every
+# staging chunk.
+@pytest.mark.parametrize("dtype,arch,tf32,rtol", [
+    (torch.float32, ARCH_WITH_TENSOR_CORES, False, 1e-5),
+    (torch.float64, ARCH_WITH_TENSOR_CORES, False, 1e-9),
+    (torch.float16, ARCH_WITH_TENSOR_CORES, False, 1e-2),
+    (torch.bfloat16, ARCH_WITH_TENSOR_CORES, False, 1e-2),
+    (torch.float32, ARCH_WITH_TENSOR_CORES, True, 3e-3),
+], ids=["fp32", "fp64", "fp16-wmma", "bf16-wmma", "tf32"])
+def test_emul_n257_ragged(emulated, dtype, arch, tf32, rtol):
+    n, d = 257, 37
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=math.log(10.0), seed=257,
+                               requires_grad=False)
+    (loss, ce, kl), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=arch, tf32=tf32)
+    (w_loss, w_ce, w_kl), w_grads = oracle(z_s, z_t, th)
+    loss_rtol = min(rtol, 3e-4)
+    for got, want in [(loss, w_loss), (ce, w_ce), (kl, w_kl)]:
+        assert_rel_close(got, want, loss_rtol, f"loss N={n} D={d}", floor=1.0)
+    assert_grads_match(grads, w_grads, n, d, rtol, f"N={n} D={d} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

@@ -1,8 +1,10 @@
 // CUDA kernels of the fused ICD loss. Plain CUDA C++ plus the WMMA API (the tile products,
 // icd_tile_products.cuh), so that the same source also runs on the CPU under the tests'
 // emulation layer (tests/cuda_emulation/): keep to __syncthreads, __shfl_xor_sync,
-// atomicAdd, __threadfence, nvcuda::wmma and function-scope __shared__ variables, and let
-// every thread of a block reach every barrier (no early return).
+// atomicAdd, __threadfence, nvcuda::wmma and function-scope shared variables declared with
+// ICD_SHARED (the emulation gives each block its own, poisoned), read other blocks' results
+// through read_published(), and let every thread of a block reach every barrier (no early
+// return).
 //
 // Row-block ownership, deterministic, no floating-point atomics: the block that owns rows
 // I = [32 b, 32 b + 32) loops over all column blocks J, forms L_IJ and L_JI tile by tile in
@@ -174,6 +176,13 @@ __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizePa
   }
 }
 
+// A function-scope __shared__ variable. The emulation defines it as a reference to the
+// block's own shared memory, which starts filled with NaN bytes: a read before a write shows.
+#ifndef ICD_SHARED
+#define ICD_SHARED(type, name) __shared__ type name
+#endif
+using ReduceScratch = double[Traits::kThreads];
+
 // Block-wide sum of one double per thread in a fixed order (the same bits every run).
 __device__ __forceinline__ double block_sum(double v, double* scratch) {
   scratch[threadIdx.x] = v;
@@ -187,7 +196,21 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
   return total;
 }
 
-// True in every thread of the block that finishes last (after all others' writes).
+// The completion counter: the last block to finish reduces the other blocks' results (the
+// CUDA programming guide's pattern in "Memory Fence Functions"). Why every read the last block
+// makes of another block's results sees that block's final values:
+//  - release: each thread writes its results, then fences (__threadfence, fence.sc.gpu), and
+//    only after the block barrier that follows does thread 0 increment the counter; so every
+//    result of a block is ordered before its increment (fence, then barrier, then atomic).
+//  - the counter: atomicAdd returns gridDim.x - 1 to exactly one block, the one whose
+//    increment comes after every other block's increment in the counter's order.
+//  - acquire: thread 0 of that block learns it from its atomic, hands it to the block's
+//    threads through the barrier, and each thread fences again before its first read (atomic,
+//    barrier, fence), so no read of the reduction can be ordered before the counter.
+//  - the reads are volatile (read_published): never served from a line that the SM's
+//    incoherent L1 cached earlier, and never hoisted above the fence by the compiler.
+// The emulation checks both fences: an increment without a preceding fence, or a
+// read_published() without a fence after the block's increment, is reported as a misuse.
 __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, bool* flag) {
   __threadfence();
   __syncthreads();
@@ -197,13 +220,24 @@ __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, 
   return *flag;
 }
 
+#ifndef ICD_FAST_CHECK_PUBLISHED_READ
+#define ICD_FAST_CHECK_PUBLISHED_READ()
+#endif
+
+// A value another block wrote before its completion-counter increment (see above).
+template <typename T>
+__device__ __forceinline__ T read_published(const T* p) {
+  ICD_FAST_CHECK_PUBLISHED_READ();
+  return *static_cast<const volatile T*>(p);
+}
+
 // ---------------------------------------------------------------------------------------
 // Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
 template <typename Products, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams<acc_t> p) {
-  __shared__ typename Products::Storage tiles;
-  __shared__ double reduce_scratch[Traits::kThreads];
-  __shared__ bool is_last;
+  ICD_SHARED(typename Products::Storage, tiles);
+  ICD_SHARED(ReduceScratch, reduce_scratch);
+  ICD_SHARED(bool, is_last);
 
   const int n = p.n;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
@@ -256,8 +290,8 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   if (last_block_to_finish(p.blocks_done, &is_last)) {
     double ce = 0, kl = 0;
     for (int r = threadIdx.x; r < n; r += Traits::kThreads) {
-      ce += p.row_ce[r];
-      kl += p.row_kl[r];
+      ce += read_published(p.row_ce + r);
+      kl += read_published(p.row_kl + r);
     }
     ce = block_sum(ce, reduce_scratch) / n;
     kl = block_sum(kl, reduce_scratch) / n;
@@ -323,9 +357,9 @@ __device__ __forceinline__ UpstreamWeights<acc_t> scaled_upstream_weights(acc_t 
 // for the block's rows, then back through the normalisation, and (last block) d theta.
 template <typename Products, typename out_t, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
-  __shared__ typename Products::Storage tiles;
-  __shared__ double reduce_scratch[Traits::kThreads];
-  __shared__ bool is_last;
+  ICD_SHARED(typename Products::Storage, tiles);
+  ICD_SHARED(ReduceScratch, reduce_scratch);
+  ICD_SHARED(bool, is_last);
 
   const int n = p.n, d = p.d;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
@@ -402,7 +436,8 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   if (tid == 0) p.block_dkappa[blockIdx.x] = block_total;
   if (last_block_to_finish(p.blocks_done, &is_last)) {
     double total = 0;
-    for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads) total += p.block_dkappa[b];
+    for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads)
+      total += read_published(p.block_dkappa + b);
     total = block_sum(total, reduce_scratch);
     if (tid == 0)
       *p.grad_log_scale = static_cast<acc_t>(total * w.scale / n *

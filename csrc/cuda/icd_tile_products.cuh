@@ -11,7 +11,7 @@
 //                                float32 inputs as TF32 (16x16x8) when torch allows TF32
 //                                matmuls. The unit rows and G are rounded to the operand
 //                                type; products accumulate in float32.
-// Each keeps its shared tiles in a Storage struct that the kernel declares __shared__. The
+// Each keeps its shared tiles in a Storage struct that the kernel declares shared. The
 // CUDA-core products stage feature chunks of the rows in shared memory; the tensor-core
 // products read operand copies of the rows (TileRows::op_s / op_t) from global memory.
 #pragma once

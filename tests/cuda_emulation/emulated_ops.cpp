@@ -65,6 +65,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("row_kl"), pybind11::arg("alpha"), pybind11::arg("max_scale"),
         pybind11::arg("grad_dtype"), pybind11::arg("compiled_arch") = 90,
         pybind11::arg("tf32") = false);
+  m.def("set_schedule", &cuda_emulation::set_schedule,
+        "Blocks of the following launches: shuffled by seed (+1 per launch), so many at once",
+        pybind11::arg("seed"), pybind11::arg("concurrent_blocks"));
   m.def("products_for", &products_for, "", pybind11::arg("dtype"), pybind11::arg("compiled_arch"),
         pybind11::arg("tf32"));
 }
