@@ -21,6 +21,7 @@ from train.checkpoints import (CheckpointMismatch, UntrustedCheckpoint, extract_
 from train.cli import main
 from train.distillers import build_distiller
 from train.models import build_model, classifier_layer
+from train.teachers import PUBLISHED_TEACHERS
 
 
 def trained_looking(name="resnet8", classes=10, channels=3, seed=1):
