@@ -4,8 +4,16 @@
 All implementations run in one process on the same inputs, warm-up first, median of
 repeats; the table prints ratios against eager. Forward is timed with autograd recording (as
 in training), backward separately after it, and "both" is their sum in one repeat; on a GPU
-with CUDA events. Peak memory is the rise of the process's peak RSS (CPU; the high-water mark
-is reset before each measurement) or of torch.cuda.max_memory_allocated (GPU).
+with CUDA events. Every time is the median of at least 5 repeats, stored with its samples and
+printed with its spread (min-max). Peak memory is the most bytes allocated at once above the
+level before the repeats: on the CPU counted by a malloc wrapper (tests/allocation_counter;
+the script re-runs itself under it), so that it sees every allocation of the fused kernel
+(torch tensors, operator new, BLAS), whether or not the pages were already resident; on a
+GPU torch.cuda.max_memory_allocated.
+
+"module" rows time the drop-in criterion as users call it, heads included:
+icd_fast.ICDLoss (fused) against the authors' formulation (two nn.Linear heads, then the
+plain-PyTorch loss with the bias in the logits), same weights, forward + backward.
 
 "roofline" is what the fused kernel cannot beat by much: the time torch.mm takes for the
 same number of N x N x D products (1 in the forward: the logits; 3 in the backward: the
@@ -14,10 +22,13 @@ buffer is needed.
 
     python bench/bench_icd_loss.py --quick          # a minute: N in {64, 256, 1024}, D = 128
     python bench/bench_icd_loss.py                  # the full grid, writes bench/results/
+    python bench/bench_icd_loss.py --sizes 64 256 1024 4096 --dims 128 --impls eager fused \
+        roofline --module-sizes 64 256              # what fits a loaded 2-core machine
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import json
 import os
@@ -28,8 +39,12 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import icd_fast
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from allocation_counter import build_counting_malloc  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # eager first: the others are compared to it
@@ -51,30 +66,66 @@ def machine_info(device: torch.device) -> dict:
     }
     try:
         with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f
-                               if line.startswith("model name"))
+            cpuinfo = f.read()
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                           if line.startswith("model name"))
+        flags = set(next(line.split(":", 1)[1].split() for line in cpuinfo.splitlines()
+                         if line.startswith("flags")))
+        info["isa"] = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+        info["isa_flags"] = sorted(flags & {"avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                                            "avx512_bf16", "avx512_vnni", "amx_tile"})
     except (OSError, StopIteration):
         info["cpu"] = platform.processor()
+    # Other jobs on the machine slow every timing; the load average says how busy it was.
+    info["load_average_1_5_15_min"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
 
 
+COUNTING_MALLOC_ENV = "ICD_FAST_BENCH_COUNTING_MALLOC"
+
+
+def rerun_under_counting_malloc() -> None:
+    """Replaces this process by itself under the counting malloc (once)."""
+    if os.environ.get(COUNTING_MALLOC_ENV):
+        return
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"icd_fast_bench_{os.getuid()}"
+    folder.mkdir(exist_ok=True)
+    library = build_counting_malloc(str(folder))
+    env = dict(os.environ, LD_PRELOAD=library, **{COUNTING_MALLOC_ENV: library})
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
+class AllocationCounter:
+    """The counting malloc's live and peak bytes (this process runs under it)."""
+
+    def __init__(self):
+        self.lib = ctypes.CDLL(None)
+        if not hasattr(self.lib, "counting_malloc_peak_bytes"):
+            raise RuntimeError("not running under the counting malloc; CPU peak memory needs it "
+                               "(run the script directly: it re-runs itself under it)")
+        for name in ("counting_malloc_live_bytes", "counting_malloc_peak_bytes"):
+            getattr(self.lib, name).restype = ctypes.c_int64
+
+    def live(self) -> int:
+        return self.lib.counting_malloc_live_bytes()
+
+    def reset_peak(self) -> None:
+        self.lib.counting_malloc_reset_peak()
+
+    def peak(self) -> int:
+        return self.lib.counting_malloc_peak_bytes()
+
+
 class PeakMemory:
-    """Peak memory added by the code in a `with` block, in bytes."""
+    """Most bytes allocated at once by the code in a `with` block, above the level at its
+    start."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
-
-    @staticmethod
-    def _status(field: str) -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field):
-                    return int(line.split()[1]) * 1024
-        return 0
 
     def __enter__(self):
         if self.device.type == "cuda":
@@ -82,12 +133,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
         else:
-            try:  # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0)
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-            except OSError:
-                pass
-            self.base = self._status("VmRSS:")
+            self.counter = AllocationCounter()
+            self.base = self.counter.live()
+            self.counter.reset_peak()
         return self
 
     def __exit__(self, *exc):
@@ -95,7 +143,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
         else:
-            self.peak = max(0, self._status("VmHWM:") - self.base)
+            self.peak = self.counter.peak() - self.base
 
 
 def loss_function(impl: str):
@@ -204,11 +252,17 @@ def measure_roofline(n, d, dtype, device, repeats, warmup):
 
 
 def summarize(runs, mem, repeats):
-    fwd = statistics.median(r[0] for r in runs)
-    bwd = statistics.median(r[1] for r in runs)
-    both = statistics.median(r[0] + r[1] for r in runs)
-    return {"forward_ms": fwd * 1e3, "backward_ms": bwd * 1e3, "both_ms": both * 1e3,
+    """Medians of (forward, backward) seconds, the forward+backward samples and their spread."""
+    both = [(r[0] + r[1]) * 1e3 for r in runs]
+    return {"forward_ms": statistics.median(r[0] for r in runs) * 1e3,
+            "backward_ms": statistics.median(r[1] for r in runs) * 1e3,
+            "both_ms": statistics.median(both), "both_ms_min": min(both),
+            "both_ms_max": max(both), "both_ms_samples": both,
             "peak_mem_mb": mem.peak / 2**20, "repeats": repeats}
+
+
+def spread(r) -> str:
+    return f"{r['both_ms']:.3g} [{r['both_ms_min']:.3g}-{r['both_ms_max']:.3g}]"
 
 
 def measure(fn, n, d, dtype, device, repeats, warmup):
@@ -223,13 +277,60 @@ def measure(fn, n, d, dtype, device, repeats, warmup):
     return summarize(runs, mem, repeats)
 
 
-def repeats_for(n: int, impl: str, base: int) -> int:
-    work = n * n
-    if work <= 1024**2:
-        return base * 4
-    if work <= 4096**2:
-        return base
-    return 1 if impl not in ("fused", "roofline") or n > 16384 else max(1, base // 2)
+MIN_REPEATS = 5
+
+
+def repeats_for(n: int, base: int) -> int:
+    """More repeats where one is short; never fewer than MIN_REPEATS."""
+    return max(MIN_REPEATS, base * 4 if n <= 1024 else base)
+
+
+class AuthorsCriterion(nn.Module):
+    """The authors' formulation as users of their code call it: two linear heads, then the
+    loss on the N x N logits (bias included) in plain PyTorch."""
+
+    def __init__(self, fused: icd_fast.ICDLoss):
+        super().__init__()
+        self.embed_s = nn.Linear(fused.embed_s.in_features, fused.embed_s.out_features)
+        self.embed_t = nn.Linear(fused.embed_t.in_features, fused.embed_t.out_features)
+        self.load_state_dict({k: v for k, v in fused.state_dict().items()
+                              if k.startswith("embed_")}, strict=False)
+        self.log_scale = nn.Parameter(fused.log_scale.detach().clone())
+        self.bias = nn.Parameter(fused.bias.detach().clone())
+
+    def forward(self, f_s, f_t):
+        return icd_fast.icd_loss_reference(self.embed_s(f_s), self.embed_t(f_t),
+                                           self.log_scale, self.bias)
+
+
+def measure_module(impl: str, n: int, s_dim: int, t_dim: int, device, repeats: int,
+                   warmup: int = 3) -> dict:
+    """Forward + backward of the criterion with its heads ("module-fused": icd_fast.ICDLoss,
+    "module-authors": AuthorsCriterion with the same weights)."""
+    torch.manual_seed(0)
+    fused = icd_fast.ICDLoss(s_dim, t_dim, feat_dim=128, backend=device.type).to(device)
+    criterion = fused if impl == "module-fused" else AuthorsCriterion(fused).to(device)
+    gen = torch.Generator().manual_seed(1)
+    f_s = torch.randn(n, s_dim, generator=gen).to(device).requires_grad_()
+    f_t = torch.randn(n, t_dim, generator=gen).to(device)
+
+    def step():
+        criterion.zero_grad(set_to_none=True)
+        f_s.grad = None
+        sync(device)
+        watch = Stopwatch(device)
+        watch.mark()
+        loss = criterion(f_s, f_t)
+        watch.mark()
+        loss.backward()
+        watch.mark()
+        return tuple(watch.intervals())
+
+    for _ in range(warmup):
+        step()
+    with PeakMemory(device) as mem:
+        runs = [step() for _ in range(repeats)]
+    return summarize(runs, mem, repeats)
 
 
 def eager_fits(n: int, dtype: torch.dtype, budget_bytes: float) -> bool:
@@ -244,7 +345,8 @@ def run(args) -> dict:
     print(f"# {info['cpu'] if device.type == 'cpu' else info.get('gpu')} | torch {info['torch']}"
           f" | threads {info['threads']} | {args.dtype} | {info['date']}", flush=True)
     rows = []
-    header = (f"{'D':>5} {'N':>7} {'impl':>8} {'fwd ms':>10} {'bwd ms':>10} {'both ms':>10}"
+    header = (f"{'D':>5} {'N':>7} {'impl':>8} {'fwd ms':>10} {'bwd ms':>10}"
+              f" {'both ms [min-max]':>22}"
               f" {'peak MB':>9} {'vs eager':>9}")
     print(header)
     for d in args.dims:
@@ -257,7 +359,7 @@ def run(args) -> dict:
                     rows.append({"impl": impl, "n": n, "d": d, "skipped": "O(N^2) memory/time"})
                     print(f"{d:>5} {n:>7} {impl:>8} {'skipped (O(N^2) memory)':>42}")
                     continue
-                repeats = repeats_for(n, impl, args.repeats)
+                repeats = repeats_for(n, args.repeats)
                 warmup = 1 if n > 4096 else 3
                 if impl == "roofline":
                     r = measure_roofline(n, d, dtype, device, repeats, warmup)
@@ -270,8 +372,20 @@ def run(args) -> dict:
                 r["speedup_vs_eager"] = eager_both / r["both_ms"] if eager_both else None
                 rows.append(r)
                 print(f"{d:>5} {n:>7} {impl:>8} {r['forward_ms']:>10.3f} {r['backward_ms']:>10.3f}"
-                      f" {r['both_ms']:>10.3f} {r['peak_mem_mb']:>9.1f} {ratio:>9}", flush=True)
-    return {"machine": info, "dtype": args.dtype, "results": rows}
+                      f" {spread(r):>22} {r['peak_mem_mb']:>9.1f} {ratio:>9}", flush=True)
+    module_rows = []
+    for s_dim, t_dim in args.module_widths:
+        for n in args.module_sizes:
+            results = {impl: measure_module(impl, n, s_dim, t_dim, device,
+                                            repeats_for(n, args.repeats))
+                       for impl in ("module-authors", "module-fused")}
+            for impl, r in results.items():
+                r.update(impl=impl, n=n, s_dim=s_dim, t_dim=t_dim, feat_dim=128,
+                         speedup_vs_authors=results["module-authors"]["both_ms"] / r["both_ms"])
+                module_rows.append(r)
+                print(f"module s_dim {s_dim} t_dim {t_dim} N {n:>5} {impl:>14} {spread(r):>22}"
+                      f" {r['peak_mem_mb']:>7.1f} MB {r['speedup_vs_authors']:.2f}x", flush=True)
+    return {"machine": info, "dtype": args.dtype, "results": rows, "module_results": module_rows}
 
 
 def plot(report: dict, path: Path) -> None:
@@ -316,7 +430,7 @@ def markdown_table(report: dict) -> str:
         by_impl = {r["impl"]: r for r in rows if r["d"] == d and r["n"] == n and "skipped" not in r}
 
         def ms(impl):
-            return f"{by_impl[impl]['both_ms']:.3g}" if impl in by_impl else "O(N²) memory"
+            return spread(by_impl[impl]) if impl in by_impl else "O(N²) memory"
 
         def ratio(num, den):
             if num in by_impl and den in by_impl:
@@ -324,10 +438,26 @@ def markdown_table(report: dict) -> str:
             return "-"
         cells = ([ms(i) for i in present] + [ratio(i, "fused") for i in compared]
                  + ([ratio("roofline", "fused")] if "roofline" in present else []))
-        cells.append("/".join(f"{by_impl[i]['peak_mem_mb']:.0f}" if i in by_impl else "-"
+        cells.append(" / ".join(f"{by_impl[i]['peak_mem_mb']:.1f}" if i in by_impl else "-"
                               for i in ("eager", "fused")))
         lines.append(f"| {d} | {n} | " + " | ".join(cells) + " |")
+    modules = report.get("module_results", [])
+    if modules:
+        lines += ["", "| s_dim / t_dim | N | authors' criterion ms | icd_fast.ICDLoss ms"
+                  " | ICDLoss vs authors | peak MB authors / ICDLoss |", "|---" * 6 + "|"]
+        for s_dim, t_dim, n in sorted({(r["s_dim"], r["t_dim"], r["n"]) for r in modules}):
+            pair = {r["impl"]: r for r in modules
+                    if (r["s_dim"], r["t_dim"], r["n"]) == (s_dim, t_dim, n)}
+            authors, fused = pair["module-authors"], pair["module-fused"]
+            lines.append(f"| {s_dim} / {t_dim} | {n} | {spread(authors)} | {spread(fused)} | "
+                         f"{authors['both_ms'] / fused['both_ms']:.2f}x | "
+                         f"{authors['peak_mem_mb']:.1f} / {fused['peak_mem_mb']:.1f} |")
     return "\n".join(lines)
+
+
+def widths(text: str) -> tuple:
+    s_dim, t_dim = (int(x) for x in text.split(":"))
+    return s_dim, t_dim
 
 
 def main(argv=None):
@@ -340,7 +470,13 @@ def main(argv=None):
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                         help="what to time (max-autotune compiles for minutes per shape)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
+                        help=f"repeats per timing (at least {MIN_REPEATS}; 4x that for N <= 1024)")
+    parser.add_argument("--module-sizes", type=int, nargs="*", default=[64, 256],
+                        help="batch sizes of the drop-in module rows (none: no module rows)")
+    parser.add_argument("--module-widths", type=widths, nargs="*",
+                        default=[(64, 256), (256, 2048)],
+                        help="student:teacher feature widths of the module rows")
     parser.add_argument("--max-reference-n", type=int, default=16384,
                         help="largest N for the eager and compiled references")
     parser.add_argument("--reference-memory-gb", type=float, default=12.0,
@@ -350,11 +486,15 @@ def main(argv=None):
     parser.add_argument("--table", type=Path, default=None,
                         help="print a results JSON as a Markdown table and exit")
     args = parser.parse_args(argv)
+    if args.repeats < MIN_REPEATS:
+        parser.error(f"--repeats must be at least {MIN_REPEATS}")
     if args.table:
         print(markdown_table(json.loads(args.table.read_text())))
         return True
     if args.quick:
         args.sizes, args.dims = [64, 256, 1024], [128]
+    if args.device == "cpu":
+        rerun_under_counting_malloc()
     report = run(args)
     if args.quick and args.out is None:
         return report

@@ -6,6 +6,10 @@
 #   bash bench/gpu_session.sh bench [float32|bfloat16]
 #                                        fused / eager / compile / roofline, one dtype
 #   bash bench/gpu_session.sh autotune   torch.compile max-autotune at a few sizes
+#   bash bench/gpu_session.sh no-tensor-core-build
+#                                        a TORCH_CUDA_ARCH_LIST="7.5+PTX" build (no 8.x/9.x
+#                                        code) in a scratch copy: fp16/bf16 must run on the
+#                                        CUDA cores, not reach the tensor-core trap
 #
 # Logs and results go to $OUT (default ./gpu-out): name them with the device, driver,
 # torch version and date, then commit them under bench/results/.
@@ -53,5 +57,15 @@ case "${1:-test}" in
       --dims 128 --out "$OUT/cuda-float32-autotune-$STAMP.json"
     $PY bench/bench_icd_loss.py --table "$OUT/cuda-float32-autotune-$STAMP.json"
     ;;
-  *) echo "unknown stage $1 (test, sanitize, bench, autotune)"; exit 2 ;;
+  no-tensor-core-build)
+    scratch="$(mktemp -d)"
+    git ls-files -z | xargs -0 cp --parents -t "$scratch"
+    (cd "$scratch" && MAX_JOBS=16 ICD_FAST_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="7.5+PTX" \
+      $PY setup.py -q build_ext --inplace >"$OUT/build-7.5+PTX.log" 2>&1) \
+      || { tail -40 "$OUT/build-7.5+PTX.log"; exit 1; }
+    (cd "$scratch" && PYTHONPATH=. $PY -m pytest -q tests/test_cuda.py -x \
+      -k "half or tf32 or compiled_arch" 2>&1) | tee "$OUT/test_cuda-7.5+PTX-$STAMP.log" | tail -15
+    rm -rf "$scratch"
+    ;;
+  *) echo "unknown stage $1 (test, sanitize, bench, autotune, no-tensor-core-build)"; exit 2 ;;
 esac

@@ -53,3 +53,16 @@ def assert_grads_match(grads, want_grads, n, d, rtol, what=""):
             assert got.abs().max().item() <= noise, f"{what} grad {name}: should be ~0"
             continue
         assert_rel_close(got, want, rtol, f"{what} grad {name}", floor=1e-12)
+
+
+def printed_table(text: str, name: str) -> dict:
+    """The Markdown table titled `name` in the printout of `results`: first cell -> the
+    row's cells (the header row under "method")."""
+    rows, inside = {}, False
+    for line in text.splitlines():
+        if line and not line.startswith("|"):
+            inside = line.startswith(name + " ")
+        elif inside and line.startswith("| "):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[cells[0]] = cells
+    return rows

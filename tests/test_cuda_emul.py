@@ -17,7 +17,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def emulated():
-    build_dir = tempfile.mkdtemp(prefix="icd_fast_emul_")
+    # A kept build folder (ICD_FAST_EMUL_BUILD_DIR) lets ninja skip an unchanged rebuild.
+    build_dir = os.environ.get("ICD_FAST_EMUL_BUILD_DIR") or tempfile.mkdtemp(
+        prefix="icd_fast_emul_")
+    os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load(
         name="icd_fast_emulated_cuda",
         sources=[os.path.join(HERE, "cuda_emulation", "emulated_ops.cpp")],
@@ -27,13 +30,18 @@ def emulated():
     )
 
 
+# The virtual arch the emulated device code stands for: sm_90 has the tensor-core products,
+# compute_75 (a TORCH_CUDA_ARCH_LIST="7.5+PTX" build, even on an sm_90 GPU) has only traps.
+ARCH_WITH_TENSOR_CORES, ARCH_WITHOUT = 90, 75
+
+
 def emulated_loss_and_grads(emulated, z_s, z_t, theta, alpha=0.5, max_scale=10.0,
-                            tensor_cores=True, tf32=False):
-    out = emulated.forward(z_s, z_t, theta, alpha, max_scale, tensor_cores, tf32)
+                            arch=ARCH_WITH_TENSOR_CORES, tf32=False, upstream=1.0):
+    out = emulated.forward(z_s, z_t, theta, alpha, max_scale, arch, tf32)
     loss, ce, kl, r, c, k, unit, norms = out
-    g = torch.tensor(1.0)
+    g = torch.tensor(upstream)
     grads = emulated.backward(g, None, None, unit, norms, theta, r, c, k, alpha, max_scale,
-                              z_s.dtype, tensor_cores, tf32)
+                              z_s.dtype, arch, tf32)
     return (loss, ce, kl), grads
 
 
@@ -65,15 +73,18 @@ def test_emul_online_maximum_path(emulated, scale):
         assert_rel_close(got, ref, 1e-4, "grad")
 
 
-@pytest.mark.parametrize("tensor_cores", [True, False], ids=["wmma", "simt"])
+@pytest.mark.parametrize("arch", [ARCH_WITH_TENSOR_CORES, ARCH_WITHOUT], ids=["wmma", "simt"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("n,d", [(45, 24), (33, 5), (70, 130)])
-def test_emul_half_inputs(emulated, dtype, tensor_cores, n, d):
+def test_emul_half_inputs(emulated, dtype, arch, n, d):
     # The tensor-core path rounds the unit rows and the logit gradients to the input's
-    # 16-bit type (products accumulate in fp32); the CUDA-core path keeps them in fp32.
+    # 16-bit type (products accumulate in fp32); the CUDA-core path keeps them in fp32. A
+    # build without sm_80+ code must take the CUDA cores (its tensor-core code is a trap,
+    # which the emulation reports), whatever the GPU.
+    tensor_cores = arch == ARCH_WITH_TENSOR_CORES
     z_s, z_t, th = make_inputs(n, d, dtype, seed=n)
     (loss, _, _), grads = emulated_loss_and_grads(emulated, z_s.detach(), z_t.detach(),
-                                                  th.detach(), tensor_cores=tensor_cores)
+                                                  th.detach(), arch=arch)
     (want, _, _), w_grads = oracle(z_s, z_t, th)
     assert loss.dtype == torch.float32 and grads[0].dtype == dtype
     assert_rel_close(loss, want, 3e-4 if tensor_cores else 1e-6, "loss")
@@ -97,6 +108,67 @@ def test_emul_float32_on_tf32_tensor_cores(emulated, n, d):
     assert not torch.equal(loss, exact)  # the TF32 path ran
     for got, ref in zip(grads, w_grads):
         assert_rel_close(got, ref, 3e-3, "grad")
+
+
+@pytest.mark.parametrize("upstream", [2.0 ** 16, 2.0 ** 24], ids=["2^16", "2^24"])
+@pytest.mark.parametrize("dtype,arch", [(torch.float16, ARCH_WITH_TENSOR_CORES),
+                                        (torch.bfloat16, ARCH_WITH_TENSOR_CORES),
+                                        (torch.float16, ARCH_WITHOUT)],
+                         ids=["fp16-wmma", "bf16-wmma", "fp16-simt"])
+def test_emul_large_upstream_gradient(emulated, dtype, arch, upstream):
+    # torch.amp.GradScaler multiplies the loss by 2^16 (and up to 2^24 as it grows): the
+    # logit gradients scale with it, and rounded to fp16 for the tensor cores their diagonal
+    # (-upstream (1 - P_ii), P_ii ~ 0 here: the teacher's rows point away from the student's)
+    # would overflow 65504. The features are scaled up so that the true feature gradients
+    # (which fall as 1/||z||) stay well inside fp16, as they do in real training.
+    n, d = 45, 24
+    z_s, z_t, th = make_inputs(n, d, torch.float64, log_scale=3.0, seed=11, requires_grad=False)
+    z_t = 0.2 * z_t - z_s
+    _, unit_grads = oracle(z_s, z_t, th.float())
+    size = max(g.abs().max().item() for g in unit_grads[:2]) * upstream / 1e3
+    z_s, z_t = ((size * z).to(dtype) for z in (z_s, z_t))
+    th = th.float()
+    (loss, _, _), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=arch,
+                                                  upstream=upstream)
+    (want, _, _), w_grads = oracle(z_s, z_t, th)
+    assert_rel_close(loss, want, 3e-4, "loss")
+    for got, ref, name in zip(grads, w_grads, ["z_s", "z_t", "log_scale"]):
+        assert torch.isfinite(got).all(), f"grad {name} not finite at upstream {upstream}"
+        assert_rel_close(got, upstream * ref, 1e-2, f"grad {name}")
+
+
+# (dtype, compiled arch, TF32 allowed) -> products: by what the device code was compiled for
+# (cudaFuncAttributes::ptxVersion), never by the GPU's compute capability.
+@pytest.mark.parametrize("dtype,arch,tf32,want", [
+    (torch.float16, 90, False, "tensor_cores"),
+    (torch.bfloat16, 80, False, "tensor_cores"),
+    (torch.float16, 75, False, "cuda_cores"),   # "7.5+PTX" JIT-compiled on an A100/H100
+    (torch.bfloat16, 70, False, "cuda_cores"),
+    (torch.float16, 52, True, "cuda_cores"),
+    (torch.float32, 90, False, "cuda_cores"),   # exact fp32 unless torch allows TF32
+    (torch.float32, 90, True, "tensor_cores"),
+    (torch.float32, 75, True, "cuda_cores"),
+    (torch.float64, 90, True, "cuda_cores"),
+])
+def test_emul_products_follow_the_compiled_arch(emulated, dtype, arch, tf32, want):
+    assert emulated.products_for(dtype, arch, tf32) == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_emul_build_without_tensor_cores_runs_cuda_cores(emulated, dtype):
+    # The whole host path on device code compiled for compute_75: no trap reported, and the
+    # bits of the CUDA-core products (float32 inputs of the same values take them too).
+    z_s, z_t, th = make_inputs(40, 24, dtype, seed=8, requires_grad=False)
+    (loss, _, _), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=ARCH_WITHOUT)
+    (on_cores, _, _), _ = emulated_loss_and_grads(emulated, z_s.float(), z_t.float(), th,
+                                                  arch=ARCH_WITHOUT)
+    (on_wmma, _, _), _ = emulated_loss_and_grads(emulated, z_s, z_t, th)
+    assert torch.equal(loss, on_cores)
+    assert not torch.equal(loss, on_wmma)
+    (want, _, _), w_grads = oracle(z_s, z_t, th)
+    assert_rel_close(loss, want, 1e-6, "loss")
+    for got, ref in zip(grads, w_grads):
+        assert_rel_close(got, ref, 1e-2, "grad")
 
 
 def test_emul_strided_inputs_and_upstream_parts(emulated):
@@ -138,12 +210,46 @@ def test_emul_float64_matches_oracle_to_1e10(emulated, n, d, theta, max_scale):
     assert_grads_match(grads, w_grads, n, d, 1e-9, f"N={n} D={d} theta={theta}")
 
 
-def test_emul_repeats_bit_for_bit(emulated):
-    z_s, z_t, th = make_inputs(70, 20, torch.float32, requires_grad=False)
-    first = emulated_loss_and_grads(emulated, z_s, z_t, th)
-    second = emulated_loss_and_grads(emulated, z_s, z_t, th)
-    for a, b in zip(first[0] + tuple(first[1]), second[0] + tuple(second[1])):
-        assert torch.equal(a, b)
+@pytest.mark.parametrize("arch", [ARCH_WITH_TENSOR_CORES, ARCH_WITHOUT], ids=["wmma", "simt"])
+def test_emul_same_bits_in_any_block_order(emulated, arch):
+    # Blocks run in a shuffled order, several at once, so a different block finishes last
+    # and reduces the scalars each time: every output must still have the same bits (the
+    # reductions run in a fixed order, whichever block does them).
+    z_s, z_t, th = make_inputs(200, 20, torch.float16, requires_grad=False)
+    runs = []
+    for seed, concurrent in [(1, 1), (7, 4), (123, 3), (5, 8)]:
+        emulated.set_schedule(seed, concurrent)
+        try:
+            (loss, ce, kl), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=arch)
+        finally:
+            emulated.set_schedule(1, 3)
+        runs.append([loss, ce, kl, *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+    (want, _, _), _ = oracle(z_s, z_t, th)
+    assert_rel_close(runs[0][0], want, 3e-4, "loss")
+
+
+# Above 130 rows: 9 blocks, the last one ragged (257 = 8 * 32 + 1), D ragged against every
+# staging chunk.
+@pytest.mark.parametrize("dtype,arch,tf32,rtol", [
+    (torch.float32, ARCH_WITH_TENSOR_CORES, False, 1e-5),
+    (torch.float64, ARCH_WITH_TENSOR_CORES, False, 1e-9),
+    (torch.float16, ARCH_WITH_TENSOR_CORES, False, 1e-2),
+    (torch.bfloat16, ARCH_WITH_TENSOR_CORES, False, 1e-2),
+    (torch.float32, ARCH_WITH_TENSOR_CORES, True, 3e-3),
+], ids=["fp32", "fp64", "fp16-wmma", "bf16-wmma", "tf32"])
+def test_emul_n257_ragged(emulated, dtype, arch, tf32, rtol):
+    n, d = 257, 37
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=math.log(10.0), seed=257,
+                               requires_grad=False)
+    (loss, ce, kl), grads = emulated_loss_and_grads(emulated, z_s, z_t, th, arch=arch, tf32=tf32)
+    (w_loss, w_ce, w_kl), w_grads = oracle(z_s, z_t, th)
+    loss_rtol = min(rtol, 3e-4)
+    for got, want in [(loss, w_loss), (ce, w_ce), (kl, w_kl)]:
+        assert_rel_close(got, want, loss_rtol, f"loss N={n} D={d}", floor=1.0)
+    assert_grads_match(grads, w_grads, n, d, rtol, f"N={n} D={d} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)

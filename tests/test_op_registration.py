@@ -1,4 +1,5 @@
 """The registered ops: opcheck, torch.compile without graph breaks, backend selection."""
+import re
 import warnings
 
 import pytest
@@ -74,8 +75,14 @@ def test_build_info_reports_what_was_built():
     assert info["cpu_kernel"] is True
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert isinstance(info["cuda_kernel"], bool)
+    archs = [a for a in re.split(r"[;\s]+", info["cuda_archs"]) if a]
     if info["cuda_kernel"]:
-        assert "8.0" in info["cuda_archs"] or info["cuda_archs"]
+        # The TORCH_CUDA_ARCH_LIST the kernels were compiled for, e.g. "8.0;9.0" or "7.5+PTX".
+        assert archs, "a CUDA build must name the architectures it compiled for"
+        for arch in archs:
+            assert re.fullmatch(r"\d+\.\d+[af]?(\+PTX)?", arch), f"not an architecture: {arch!r}"
+    else:
+        assert archs == [], f"a CPU-only build names CUDA architectures: {info['cuda_archs']!r}"
 
 
 def test_python_number_log_scale_is_a_fixed_scale():

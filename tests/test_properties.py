@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import icd_fast
@@ -56,8 +56,7 @@ def test_fused_matches_oracle_float64(problem):
 @given(problems())
 def test_fused_float32_is_close(problem):
     z_s, z_t, th, alpha, max_scale = problem
-    if z_t.abs().max() > 1e30:  # beyond float32's range
-        return
+    assume(z_t.abs().max() <= 1e30)  # beyond float32's range otherwise
     z_s, z_t = z_s.float(), z_t.float()
     (loss, _, _), _ = loss_and_grads(fused, z_s, z_t, th.float(), alpha=alpha,
                                      max_scale=max_scale)
@@ -67,7 +66,7 @@ def test_fused_float32_is_close(problem):
 
 @settings(max_examples=30, deadline=None)
 @given(st.integers(2, 80), st.integers(1, 16), st.floats(0.0, 2.0))
-def test_loss_is_invariant_to_row_scaling_and_bias(n, d, log_scale):
+def test_loss_is_invariant_to_row_scaling(n, d, log_scale):
     gen = torch.Generator().manual_seed(n * 100 + d)
     z_s = torch.randn(n, d, generator=gen, dtype=torch.float64)
     z_t = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -75,5 +74,3 @@ def test_loss_is_invariant_to_row_scaling_and_bias(n, d, log_scale):
     base = fused(z_s, z_t, th).item()
     scales = torch.rand(n, 1, generator=gen, dtype=torch.float64) * 10 + 0.1
     assert fused(z_s * scales, z_t, th).item() == pytest.approx(base, rel=1e-12, abs=1e-12)
-    bias = torch.tensor(5.0, dtype=torch.float64)
-    assert fused(z_s, z_t, th, bias).item() == base

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from data_files import write_cifar100, write_image_folder, write_stl10
+from helpers import printed_table
 from train.cli import main
 from train.configs import CONFIGS, METHODS, TABLES, get_config
 from train.data.digits import IN_CHANNELS, NUM_CLASSES, digits_datasets, stratified_subset
@@ -49,9 +50,14 @@ def test_linear_probe_command_on_stl10_files(tmp_path, no_md5, capsys):
 
 def test_every_table_row_has_a_config_per_method():
     rows = {table: len(pairs) for table, (_, pairs) in TABLES.items()}
-    assert rows == {"cifar100-same-family": 7, "cifar100-other-family": 6, "imagenet": 2,
+    assert rows == {"cifar100-same-family": 7, "cifar100-other-family": 6, "imagenet": 3,
                     "transfer": 1}
-    assert len(CONFIGS) == sum(rows.values()) * len(METHODS)
+    # The paper's Table 3: ResNet-34 -> ResNet-18, ResNet-50 -> ResNet-18 and -> MobileNet V1.
+    assert TABLES["imagenet"][1] == (("tv_resnet34", "tv_resnet18"),
+                                     ("tv_resnet50", "tv_resnet18"),
+                                     ("tv_resnet50", "mobilenet_v1"))
+    # Table 1's FSP cell of wrn_40_2 -> wrn_40_1 and Table 2's FSP column are n/a.
+    assert len(CONFIGS) == 7 * 17 - 1 + 6 * 16 + rows["imagenet"] * 8 + 8
     assert set(METHODS) <= set(DISTILLERS)
     for config in CONFIGS.values():
         assert {config.teacher, config.student} <= set(model_names()), config
@@ -100,10 +106,12 @@ def test_results_average_the_seeds_of_each_config(tmp_path, capsys):
     finished_run("cifar100__resnet56-resnet20__kd", 0, [69.5])
     finished_run("cifar100__resnet56-resnet20__icd", 3, [])  # started, no epoch finished
     assert main(["results", "--runs", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    # Final epochs 70 and 72: mean 71, sample std sqrt(2) = 1.41.
-    assert "| kd | icd_kd |" in out
-    assert "| resnet56 -> resnet20 | 69.50 +- 0.00 (1) | 71.00 +- 1.41 (2) |" in out
+    rows = printed_table(capsys.readouterr().out, "cifar100-same-family")
+    column = rows["method"].index("resnet56 -> resnet20")
+    # Final epochs 70 and 72: mean 71, sample std sqrt(2) = 1.41; the paper has no ICD value.
+    assert rows["icd_kd"][column] == "71.00 +- 1.41 (2) / n/r"
+    assert rows["kd"][column] == "69.50 +- 0.00 (1) / 70.66"  # the CRD paper's KD
+    assert rows["icd"][column] == "not run / n/r"
 
 
 @pytest.mark.parametrize("pair", sorted({(c.teacher, c.student, c.dataset)

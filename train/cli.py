@@ -27,6 +27,11 @@ batch 64, SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students), 
 150/180/210, weight decay 5e-4; ImageNet 100 epochs, batch 256, lr 0.1, x0.1 at 30/60/90,
 weight decay 1e-4.
 
+Checkpoints (--teacher-ckpt, --ckpt) may be this application's, the CRD benchmark's,
+mdistiller's, torchvision's or bare state dicts; they are read safely (weights_only) unless
+--trust-checkpoint is given. --teachers DIR takes the CRD benchmark's published teachers
+(DIR/<teacher>_vanilla/ckpt_epoch_240.pth) instead of training one.
+
 Multi-GPU / multi-node: start train-teacher, distill or run under torchrun (e.g.
 `torchrun --nproc_per_node 8 -m train distill ...`); --batch-size stays the global batch.
 """
@@ -37,7 +42,7 @@ import sys
 from pathlib import Path
 
 from . import distributed, engine
-from .checkpoints import load_model, load_weights
+from .checkpoints import load_model
 from .configs import CONFIGS, TABLES
 from .data.catalog import TRAINING_SETS, TRANSFER_SETS, load_data
 from .demo import DEMO_METHODS, demo
@@ -47,10 +52,11 @@ from .figures.curves import plot_command
 from .figures.output import FORMATS
 from .figures.sweep import SWEEP_PARAMETERS, sweep_command
 from .figures.tables import write_results
-from .models import build_model
 from .probe import probe_checkpoint
+from .recipes import INIT_STAGE_EPOCHS
 from .results import results_tables
 from .runs import run_config
+from .teachers import PUBLISHED_LAYOUT, load_teacher
 from .training import loss_weight_options, run_training
 
 
@@ -62,7 +68,8 @@ def train_teacher(args) -> int:
 
 def distill(args) -> int:
     data = load_data(args.dataset, args.data, args.download)
-    teacher = load_model(args.teacher, args.teacher_ckpt, data[2], data[3])
+    teacher = load_teacher(args.teacher, data, args.teacher_ckpt, args.teachers,
+                           args.trust_checkpoint, args.device)
     run_training(args, args.method, args.student, data, Path(args.out), teacher,
                  method_options=loss_weight_options(args))
     return 0
@@ -71,8 +78,7 @@ def distill(args) -> int:
 def evaluate_command(args) -> int:
     device = distributed.init_from_env(args.device)
     _, test_set, classes, channels = load_data(args.dataset, args.data, args.download)
-    model = build_model(args.model, classes, channels)
-    load_weights(model, args.ckpt, args.model)
+    model = load_model(args.model, args.ckpt, classes, channels, args.trust_checkpoint)
     accuracy = engine.evaluate(model.to(device), test_set, num_workers=args.workers)
     distributed.say(f"{args.model} ({args.ckpt}): test top-1 {accuracy:.2f}%")
     return 0
@@ -131,8 +137,23 @@ def main(argv=None) -> int:
         p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda")
         p.add_argument("--workers", type=int, default=0, help="data loader processes")
 
+    def trust_option(p):
+        p.add_argument("--trust-checkpoint", action="store_true",
+                       help="load checkpoints that need Python globals beyond tensors (full "
+                            "unpickling, weights_only=False): only files from a source you "
+                            "trust, since unpickling can run code the file carries")
+
+    def teacher_sources(p, required):
+        source = p.add_mutually_exclusive_group(required=required)
+        source.add_argument("--teacher-ckpt", help="the teacher's checkpoint (this "
+                            "application's, the CRD benchmark's, mdistiller's, a state dict)")
+        source.add_argument("--teachers", metavar="DIR",
+                            help="folder of the CRD benchmark's published teachers: takes "
+                                 f"DIR/{PUBLISHED_LAYOUT}")
+
     def training_options(p, dataset=True):
         data_options(p, dataset)
+        trust_option(p)
         p.add_argument("--epochs", type=int)
         p.add_argument("--batch-size", type=int, help="global batch (split over torchrun ranks)")
         p.add_argument("--lr", type=float)
@@ -156,6 +177,9 @@ def main(argv=None) -> int:
                        help="weight of Hinton's KD (T = 4)")
         w.add_argument("--beta", type=float, help="weight of the method's own loss")
         w.add_argument("--alpha", type=float, help="ICD: weight of the invariance (KL) term")
+        w.add_argument("--init-epochs", type=int, default=INIT_STAGE_EPOCHS,
+                       help="epochs of the initialisation stage of AB, FT and FSP "
+                            f"(default {INIT_STAGE_EPOCHS}, as in the CRD benchmark)")
 
     def probe_options(p):
         p.add_argument("--image-size", type=int, default=32,
@@ -176,7 +200,7 @@ def main(argv=None) -> int:
     s.add_argument("--out", required=True, help="run folder: checkpoints and log.csv")
     s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     s.add_argument("--teacher", required=True)
-    s.add_argument("--teacher-ckpt", required=True)
+    teacher_sources(s, required=True)
     s.add_argument("--student", required=True)
     s.add_argument("--method", default="icd_kd", choices=sorted(DISTILLERS))
     loss_weight_arguments(s)
@@ -185,12 +209,14 @@ def main(argv=None) -> int:
     data_options(e)
     e.add_argument("--model", required=True)
     e.add_argument("--ckpt", required=True)
+    trust_option(e)
     e.set_defaults(run=evaluate_command)
     lp = sub.add_parser("linear-probe", help="transfer: linear classifier on frozen features")
     data_options(lp, dataset=False)
     lp.add_argument("--dataset", required=True, choices=list(TRANSFER_SETS))
     lp.add_argument("--model", required=True)
     lp.add_argument("--ckpt", required=True)
+    trust_option(lp)
     lp.add_argument("--seed", type=int, default=0)
     probe_options(lp)
     lp.set_defaults(run=linear_probe_command)
@@ -202,7 +228,7 @@ def main(argv=None) -> int:
         loss_weight_arguments(p)
         probe_options(p)
         p.add_argument("--runs", default="./runs", help="folder of all runs (teachers included)")
-        p.add_argument("--teacher-ckpt", help="use this teacher instead of training one")
+        teacher_sources(p, required=False)  # neither: the teacher is trained first
         p.add_argument("--teacher-epochs", type=int, help="override the teacher's epochs")
         p.add_argument("--stl10-data", default="./data", help="STL-10 root (transfer configs)")
         p.add_argument("--tiny-imagenet-data", default="./data/tiny-imagenet-200",
@@ -237,6 +263,7 @@ def main(argv=None) -> int:
     sw.set_defaults(run=sweep_command)
     co = sub.add_parser("correlation", help="teacher/student class-logit correlation maps")
     data_options(co)
+    trust_option(co)
     co.add_argument("--teacher-ckpt", required=True, help="checkpoint or run folder")
     co.add_argument("--teacher", help="teacher architecture (default: from run folder names)")
     co.add_argument("--student", nargs="+", required=True,

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from . import distributed
+from .checkpoints import read_checkpoint
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -121,6 +122,7 @@ class TrainConfig:
     precision: str = "fp32"  # or "bf16" / "fp16" (autocast; fp16 with a gradient scaler)
     progress: bool = False  # a progress bar per epoch (rank 0)
     tensorboard: bool = False  # scalars per epoch under out_dir/tensorboard (rank 0)
+    trust_checkpoint: bool = False  # resume from a last.pt that a safe load refuses
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -233,7 +235,7 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
             config.out_dir.mkdir(parents=True, exist_ok=True)
         last = config.out_dir / "last.pt"
     if resume and last is not None and last.exists():
-        state = torch.load(last, map_location=device, weights_only=False)
+        state = read_checkpoint(last, config.trust_checkpoint, map_location=device)
         distiller.load_state_dict(state["distiller"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:

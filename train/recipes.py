@@ -24,6 +24,19 @@ RECIPES = {
 SMALL_LR_MODELS = ("mobilenet", "shuffle")
 
 
+# The benchmark's initialisation stage of two-stage methods (AB, FT, FSP) runs at the
+# student's learning rate, held constant, except FT with a CIFAR ResNet or WRN student: 0.01
+# (helper/pretrain.py of the CRD benchmark).
+INIT_STAGE_EPOCHS = 30
+SMALL_INIT_LR = {"ft": ("resnet", "wrn_")}
+
+
+def init_stage_lr(method: str, student_name: str, lr: float) -> float:
+    if student_name.startswith(SMALL_INIT_LR.get(method, ())) and lr > 0.01:
+        return 0.01
+    return lr
+
+
 def recipe(args, model_name: str) -> Recipe:
     """The recipe of args.dataset for model_name, with every option the user gave (not None)
     in place of its default: an explicit 0 (e.g. --weight-decay 0) is honoured."""

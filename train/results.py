@@ -1,5 +1,8 @@
 """`results`: the paper's tables from the run folders of `run`: the final test top-1 of each
-seed's run, mean +- std over seeds, one row per teacher/student pair, one column per method.
+seed's run, mean +- std over seeds, beside the paper's published value
+(train/published_results.json), in the paper's layout: one column per teacher/student
+pair, one row per method (the teacher first), every cell of the table shown, those not run
+marked as such.
 
 `collect_tables` gives the tables as data (`ResultTable`), for the printout here and for
 anything else that reports them (Markdown files, figures)."""
@@ -10,10 +13,13 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
-from .configs import CONFIGS, METHODS as METHOD_ORDER, TABLES
-from .runs import run_folder_name
+from .configs import CONFIGS, TABLE_METHODS, TABLES
+from .published import NOT_APPLICABLE, published_value
+from .runs import run_folder_name, teacher_run_folder
+
+TEACHER = "teacher"  # the column (printed as the first row) of the teachers' own accuracy
 
 
 @dataclass
@@ -35,9 +41,13 @@ class Cell:
 @dataclass
 class ResultTable:
     name: str  # a key of configs.TABLES
-    rows: List[str]  # "teacher -> student"
-    columns: List[str]  # methods ("method transfer-set" for linear probes), in table order
+    rows: List[str]  # "teacher -> student", every pair of the table
+    # "teacher", then the table's methods ("method transfer-set" for linear probes)
+    columns: List[str]
     cells: Dict[Tuple[str, str], Cell]  # (row, column) -> cell; absent: never run
+    # (row, column) -> the paper's value: a float, None (not recorded) or "n/a"
+    published: Dict[Tuple[str, str], Union[float, str, None]] = field(default_factory=dict)
+    not_applicable: Set[Tuple[str, str]] = field(default_factory=set)  # no config
 
     @property
     def title(self) -> str:
@@ -54,15 +64,27 @@ def final_accuracy(folder: Path) -> Optional[float]:
     return float(rows[-1]["test_acc"]) if rows else None
 
 
-def collect_tables(runs: Path) -> List[ResultTable]:
-    """The tables with at least one finished run under `runs`, in TABLES order."""
-    cells: Dict[Tuple[str, str, str], Cell] = {}  # (table, pair, column)
+def pair_label(teacher: str, student: str) -> str:
+    return f"{teacher} -> {student}"
+
+
+def _table_columns(table: str) -> List[str]:
+    columns = [TEACHER]
+    transfer_sets = next((c.transfer_sets for c in CONFIGS.values() if c.table == table), ())
+    for method in TABLE_METHODS[table]:
+        columns += [method] + [f"{method} {s}" for s in transfer_sets]
+    return columns
+
+
+def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
+    """(table, pair, column) -> the finished runs' accuracies."""
+    cells: Dict[Tuple[str, str, str], Cell] = {}
     for config in CONFIGS.values():
         for folder in sorted(runs.glob(run_folder_name(config.name, "*"))):
             accuracy = final_accuracy(folder)
             if accuracy is None:
                 continue
-            pair = f"{config.teacher} -> {config.student}"
+            pair = pair_label(config.teacher, config.student)
             columns = {config.method: accuracy}
             for transfer_set in config.transfer_sets:
                 probe_file = folder / f"probe-{transfer_set}.json"
@@ -71,38 +93,65 @@ def collect_tables(runs: Path) -> List[ResultTable]:
                         probe_file.read_text())["test_acc"]
             for column, value in columns.items():
                 cells.setdefault((config.table, pair, column), Cell()).measured.append(value)
+    for table, (dataset, pairs) in TABLES.items():
+        for teacher, student in pairs:  # the teacher `run` trained for the table's configs
+            accuracy = final_accuracy(teacher_run_folder(runs, dataset, teacher))
+            if accuracy is not None:
+                cells[(table, pair_label(teacher, student), TEACHER)] = Cell([accuracy])
+    return cells
+
+
+def collect_tables(runs: Path) -> List[ResultTable]:
+    """Every table of configs.TABLES, with the finished runs under `runs` and the paper's
+    values."""
+    measured = _measured_cells(runs)
     tables = []
-    for table in TABLES:
-        keys = [k for k in cells if k[0] == table]
-        if not keys:
-            continue
-        columns = sorted({k[2] for k in keys}, key=lambda c: (
-            METHOD_ORDER.index(c.split()[0]), c))
-        rows = list(dict.fromkeys(k[1] for k in keys))
-        tables.append(ResultTable(name=table, rows=rows, columns=columns,
-                                  cells={(k[1], k[2]): cells[k] for k in keys}))
+    for table, (_, pairs) in TABLES.items():
+        columns = _table_columns(table)
+        result = ResultTable(name=table, rows=[pair_label(t, s) for t, s in pairs],
+                             columns=columns, cells={})
+        for teacher, student in pairs:
+            row = pair_label(teacher, student)
+            for column in columns:
+                value = published_value(table, teacher, student, column)
+                result.published[(row, column)] = value
+                if value == NOT_APPLICABLE:
+                    result.not_applicable.add((row, column))
+                cell = measured.get((table, row, column))
+                if cell is not None:
+                    cell.published = value if isinstance(value, float) else None
+                    result.cells[(row, column)] = cell
+        tables.append(result)
     return tables
 
 
+def format_cell(table: ResultTable, row: str, column: str) -> str:
+    """"mean +- std (n) / paper P"; "not run" where no seed finished; "n/a" where the
+    method does not apply; the paper's value is "n/r" where it is not recorded."""
+    if (row, column) in table.not_applicable:
+        return "n/a"
+    cell = table.cells.get((row, column))
+    ours = (f"{cell.mean:.2f} +- {cell.std:.2f} ({len(cell.measured)})"
+            if cell is not None and cell.measured else "not run")
+    paper = table.published.get((row, column))
+    return f"{ours} / {'n/r' if paper is None else f'{paper:.2f}'}"
+
+
 def format_tables(tables: List[ResultTable]) -> str:
-    """Markdown tables: "mean +- std (seeds)" per cell, "-" where nothing was run."""
+    """Markdown tables in the paper's layout: a column per teacher/student pair, a row per
+    method; each cell "ours (seeds) / paper"."""
     lines = []
     for table in tables:
-        lines += [f"\n{table.title}\n",
-                  "| teacher -> student | " + " | ".join(table.columns) + " |",
-                  "|---" * (len(table.columns) + 1) + "|"]
-        for pair in table.rows:
-            row = []
-            for column in table.columns:
-                cell = table.cells.get((pair, column))
-                if cell is None or not cell.measured:
-                    row.append("-")
-                    continue
-                row.append(f"{cell.mean:.2f} +- {cell.std:.2f} ({len(cell.measured)})")
-            lines.append(f"| {pair} | " + " | ".join(row) + " |")
+        lines += [f"\n{table.title}; each cell: ours (seeds) / paper's value\n",
+                  "| method | " + " | ".join(table.rows) + " |",
+                  "|---" * (len(table.rows) + 1) + "|"]
+        for column in table.columns:
+            lines.append(f"| {column} | " + " | ".join(
+                format_cell(table, row, column) for row in table.rows) + " |")
     return "\n".join(lines).lstrip("\n")
 
 
 def results_tables(runs: Path) -> str:
     tables = collect_tables(runs)
-    return format_tables(tables) if tables else f"no finished runs under {runs}"
+    note = "" if any(t.cells for t in tables) else f"no finished runs under {runs}\n\n"
+    return note + format_tables(tables)

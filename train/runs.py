@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 from . import distributed
-from .checkpoints import load_model
 from .configs import get_config
 from .data.catalog import load_data
 from .probe import probe_checkpoint
+from .teachers import load_teacher
 from .training import loss_weight_options, run_training
 
 
@@ -44,21 +44,23 @@ def teacher_run_folder(runs: Path, dataset: str, teacher: str) -> Path:
 
 
 def run_config(args) -> int:
-    """Teacher (trained first unless its checkpoint exists), student, and for transfer
-    configs the linear probes; every stage resumes from its last checkpoint."""
+    """Teacher (--teacher-ckpt, the published one of --teachers, or trained first unless
+    its run finished), student, and for transfer configs the linear probes; every stage
+    resumes from its last checkpoint."""
     config = get_config(args.config)
     args.dataset = config.dataset
     runs = Path(args.runs)
     data = load_data(config.dataset, args.data, args.download)
     teacher = None
     if config.method != "vanilla":
-        ckpt = Path(args.teacher_ckpt) if args.teacher_ckpt else (
-            teacher_run_folder(runs, config.dataset, config.teacher) / "best.pt")
-        if not args.teacher_ckpt:  # a finished teacher run resumes to nothing
+        ckpt, teachers = args.teacher_ckpt, args.teachers
+        if ckpt is None and teachers is None:  # a finished teacher run resumes to nothing
+            ckpt = teacher_run_folder(runs, config.dataset, config.teacher) / "best.pt"
             distributed.say(f"teacher {config.teacher}: {ckpt.parent}")
             run_training(args, "vanilla", config.teacher, data, ckpt.parent,
                          epochs=args.teacher_epochs, resume=True)
-        teacher = load_model(config.teacher, ckpt, data[2], data[3])
+        teacher = load_teacher(config.teacher, data, ckpt, teachers,
+                               args.trust_checkpoint, args.device)
     options = loss_weight_options(args)
     out = Path(args.out) if args.out else runs / run_folder_name(config.name, args.seed, options)
     run_training(args, config.method, config.student, data, out, teacher, resume=True,

@@ -2,6 +2,8 @@
 the engine's loop; the recipe and run folder come from the command line."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Dict, Optional
@@ -9,9 +11,10 @@ from typing import Dict, Optional
 import torch
 
 from . import distributed, engine
-from .distillers import build_distiller
+from .data.labels import dataset_labels
+from .distillers import DISTILLERS, build_distiller
 from .models import build_model
-from .recipes import recipe
+from .recipes import INIT_STAGE_EPOCHS, init_stage_lr, recipe
 
 
 # Command-line loss weights -> the distillers' option names (paper eq. 13:
@@ -26,23 +29,73 @@ def loss_weight_options(args) -> Dict[str, float]:
             if getattr(args, arg, None) is not None}
 
 
+def example_batch(dataset) -> torch.Tensor:
+    """Two zero images of the data set's shape: methods size their layers from them."""
+    return torch.zeros(2, *dataset[0][0].shape)
+
+
+@contextlib.contextmanager
+def only_trainable(module: torch.nn.Module, trainable):
+    """Within the block, `module`'s parameters outside `trainable` take no gradient: DDP
+    requires every parameter that asks for a gradient to get one (AB's connectors and FT's
+    paraphraser sit out a stage), and backward skips what no optimiser steps."""
+    keep = {id(p) for p in trainable}
+    frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in keep]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def train_init_stage(distiller, train_set, test_set, config: engine.TrainConfig, lr: float,
+                     weight_decay: float, epochs: int, resume: bool):
+    """A two-stage method's initialisation stage: SGD at a constant lr on what the stage
+    trains, `epochs` epochs, checkpointed in the run folder's init/ like any stage (a
+    finished one resumes to nothing)."""
+    if epochs < 0:
+        raise ValueError(f"--init-epochs must be >= 0, got {epochs}")
+    stage = distiller.init_stage()
+    if stage is None or epochs == 0:
+        return None
+    trainable = stage.trainable_parameters()
+    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    stage_config = dataclasses.replace(
+        config, epochs=epochs,
+        out_dir=None if config.out_dir is None else Path(config.out_dir) / "init")
+    with only_trainable(distiller, trainable):
+        return engine.fit(stage, train_set, test_set, optimizer, None, stage_config, resume)
+
+
 def train_model(method, student, teacher, train_set, test_set, config: engine.TrainConfig,
                 lr: float, weight_decay: float, make_scheduler, resume: bool = False,
                 device: torch.device = torch.device("cpu"), sync_bn: bool = False,
-                method_options: Optional[Dict[str, float]] = None):
+                method_options: Optional[Dict[str, float]] = None,
+                init_epochs: int = INIT_STAGE_EPOCHS, init_lr: Optional[float] = None):
     """SGD (momentum 0.9) on the student and the method's own modules; make_scheduler(opt)
-    gives the learning-rate schedule; method_options reach the distiller (loss weights)."""
+    gives the learning-rate schedule; method_options reach the distiller (loss weights).
+    Two-stage methods (AB, FT, FSP) first train their initialisation stage for init_epochs
+    at init_lr (default: lr)."""
     if sync_bn:
         if device.type != "cuda":
             raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
                              "implementation)")
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
+    # Read only for the methods that draw by class: a data set without labels trains others.
+    labels = (dataset_labels(train_set)
+              if getattr(DISTILLERS.get(method), "needs_labels", False) else None)
     distiller = build_distiller(method, student, teacher, num_samples=len(train_set),
+                                labels=labels, example_images=example_batch(train_set),
                                 **(method_options or {})).to(device)
-    params = [p for p in distiller.parameters() if p.requires_grad]
+    train_init_stage(distiller, train_set, test_set, config, lr if init_lr is None else init_lr,
+                     weight_decay, init_epochs, resume)
+    params = distiller.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    history = engine.fit(distiller, train_set, test_set, optimizer, make_scheduler(optimizer),
-                         config, resume)
+    with only_trainable(distiller, params):
+        history = engine.fit(distiller, train_set, test_set, optimizer,
+                             make_scheduler(optimizer), config, resume)
     return distiller, history
 
 
@@ -62,13 +115,16 @@ def run_training(args, method: str, student_name: str, data, out: Path, teacher=
     config = engine.TrainConfig(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
                                 seed=args.seed, out_dir=Path(out), num_workers=args.workers,
                                 precision=args.precision, progress=progress,
-                                tensorboard=args.tensorboard)
+                                tensorboard=args.tensorboard,
+                                trust_checkpoint=args.trust_checkpoint)
     milestones = list(plan.lr_decay_epochs)
     _, history = train_model(
         method, student, teacher, train_set, test_set, config, plan.lr, plan.weight_decay,
         lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1),
         resume=args.resume if resume is None else resume, device=device, sync_bn=args.sync_bn,
-        method_options=method_options)
+        method_options=method_options,
+        init_epochs=getattr(args, "init_epochs", INIT_STAGE_EPOCHS),
+        init_lr=init_stage_lr(method, student_name, plan.lr))
     last = history.rows[-1]
     distributed.say(f"{method} {student_name}: epoch {last['epoch']}, test top-1 "
                     f"{last['test_acc']:.2f}% (best {history.best_accuracy:.2f}%); "

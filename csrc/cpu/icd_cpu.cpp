@@ -1,11 +1,14 @@
 // Fused ICD loss on the CPU: forward and backward without any N x N buffer.
 //
-// The logit matrix L = kappa S T^T is cut into square tiles. A worker owns a set of unordered
-// tile pairs {I, J} (I <= J) and, for each, forms both tiles L_IJ and L_JI with one BLAS call
-// each; every logit is therefore computed (and exponentiated) exactly once per pass. A tile
-// pair feeds the statistics of rows I and of rows J, so each worker keeps private partial
-// statistics (length N) or gradients (N x D) that are merged in worker order at the end:
-// the result is the same bits on every call with the same thread count.
+// The logit matrix L = kappa S T^T is cut into square tiles. Each unordered tile pair {I, J}
+// (I <= J) is handled once per pass: both tiles L_IJ and L_JI are formed with one BLAS call
+// each, so every logit is computed (and exponentiated) exactly once per pass. A tile pair
+// feeds the statistics (forward) or gradients (backward) of rows I and of rows J. The pairs
+// are run in rounds in which no two pairs share a tile (TileSchedule), so the pairs of a
+// round write disjoint rows: they update the shared row statistics and the gradient in place,
+// with no private copies per worker and no merge. Extra memory is therefore the outputs plus
+// a few tiles per busy worker, whatever the thread count, and every row sees its tile pairs
+// in the same order on every call and at every thread count: the result is the same bits.
 //
 // Tiles are stored as cos_x[i][j] = <s_i, t_j> and cos_y[i][j] = <s_j, t_i> (i in I, j in J),
 // so L_ij and L_ji of the same pair sit at the same index and the inner loops run contiguously
@@ -35,26 +38,51 @@ namespace {
 // tiles) stay in a core's L2.
 constexpr int64_t kTile = 128;
 
-// The unordered tile pairs in a fixed order, cut into contiguous, equally long ranges.
-struct TilePlan {
+// One tile pair {I, J}: rows [i0, i0 + bi) and [j0, j0 + bj). slot is the pair's place in its
+// round, which no other pair of that round shares (per-slot sums are free of races).
+struct TilePair {
+  int64_t i0, bi, j0, bj;
+  bool diagonal;
+  int64_t slot;
+};
+
+// The unordered tile pairs, grouped into rounds whose pairs touch pairwise disjoint tiles.
+// Round 0 holds the diagonal pairs {I, I}; the off-diagonal pairs follow the circle method of
+// round-robin tournaments: with an even count M of tiles (one empty tile added when the count
+// is odd), tile M - 1 stays put while the others rotate, and each of the M - 1 rounds pairs
+// every tile with another one it has not met yet.
+struct TileSchedule {
   int64_t n;
   int64_t num_tiles;
-  std::vector<std::pair<int32_t, int32_t>> pairs;
-  int64_t num_workers;
+  std::vector<std::pair<int32_t, int32_t>> pairs;  // round after round
+  std::vector<int64_t> round_begin;                // round r: pairs[round_begin[r], [r + 1])
 
-  explicit TilePlan(int64_t n_rows) : n(n_rows), num_tiles((n_rows + kTile - 1) / kTile) {
+  explicit TileSchedule(int64_t n_rows) : n(n_rows), num_tiles((n_rows + kTile - 1) / kTile) {
     pairs.reserve(num_tiles * (num_tiles + 1) / 2);
-    for (int64_t a = 0; a < num_tiles; ++a)
-      for (int64_t b = a; b < num_tiles; ++b) pairs.emplace_back(a, b);
-    num_workers = std::max<int64_t>(
-        1, std::min<int64_t>(at::get_num_threads(), static_cast<int64_t>(pairs.size())));
+    round_begin.push_back(0);
+    for (int64_t a = 0; a < num_tiles; ++a) pairs.emplace_back(a, a);
+    round_begin.push_back(static_cast<int64_t>(pairs.size()));
+    const int64_t even = num_tiles + (num_tiles % 2);
+    for (int64_t round = 0; round + 1 < even; ++round) {
+      for (int64_t k = 0; k < even / 2; ++k) {
+        const int64_t a = k == 0 ? even - 1 : (round + k) % (even - 1);
+        const int64_t b = k == 0 ? round : (round - k + even - 1) % (even - 1);
+        if (a < num_tiles && b < num_tiles) pairs.emplace_back(std::min(a, b), std::max(a, b));
+      }
+      round_begin.push_back(static_cast<int64_t>(pairs.size()));
+    }
   }
+  int64_t num_rounds() const { return static_cast<int64_t>(round_begin.size()) - 1; }
+  // The most pairs one round holds (the diagonal round): the number of slots.
+  int64_t max_round_size() const { return num_tiles; }
   int64_t tile_begin(int64_t tile) const { return tile * kTile; }
   // Edge of the largest tile (smaller than kTile for small batches).
   int64_t max_tile() const { return std::min(kTile, n); }
   int64_t tile_size(int64_t tile) const { return std::min(kTile, n - tile * kTile); }
-  int64_t first_pair(int64_t worker) const {
-    return worker * static_cast<int64_t>(pairs.size()) / num_workers;
+  TilePair pair(int64_t round, int64_t q) const {
+    const auto [ti, tj] = pairs[q];
+    return {tile_begin(ti), tile_size(ti), tile_begin(tj), tile_size(tj), ti == tj,
+            q - round_begin[round]};
   }
 };
 
@@ -63,14 +91,6 @@ struct TilePlan {
 template <typename T>
 std::unique_ptr<T[]> scratch_buffer(int64_t size) {
   return std::unique_ptr<T[]>(new T[size]);
-}
-
-// Runs fn(worker) for every worker, in parallel.
-template <typename Fn>
-void for_each_worker(const TilePlan& plan, const Fn& fn) {
-  at::parallel_for(0, plan.num_workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t w = begin; w < end; ++w) fn(w);
-  });
 }
 
 // A row-major (rows x cols) matrix in a worker's scratch buffer, as a tensor for BLAS.
@@ -98,33 +118,33 @@ void form_tiles(const at::Tensor& s, const at::Tensor& t, int64_t i0, int64_t bi
   }
 }
 
-// One tile pair {I, J}: rows [i0, i0 + bi) and [j0, j0 + bj).
-struct TilePair {
-  int64_t i0, bi, j0, bj;
-  bool diagonal;
-};
-
-// Calls fn(pair, cos_x, cos_y) for each tile pair of worker w, with both cosine tiles of the
-// pair already formed in the worker's scratch buffers.
+// Calls fn(pair, cos_x, cos_y, scratch) for every tile pair, round after round, with both
+// cosine tiles of the pair already formed. The pairs of a round run in parallel; each busy
+// worker holds two cosine tiles and scratch_size elements of its own scratch, allocated for
+// the round, so that only the workers a round can keep busy hold any.
 template <typename acc_t, typename Fn>
-void for_each_formed_pair(const TilePlan& plan, int64_t w, const at::Tensor& s,
-                          const at::Tensor& t, const Fn& fn) {
+void for_each_formed_pair(const TileSchedule& plan, const at::Tensor& s, const at::Tensor& t,
+                          int64_t scratch_size, const Fn& fn) {
   const int64_t tile = plan.max_tile();
-  auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
-  for (int64_t q = plan.first_pair(w); q < plan.first_pair(w + 1); ++q) {
-    const auto [ti, tj] = plan.pairs[q];
-    const TilePair pair{plan.tile_begin(ti), plan.tile_size(ti), plan.tile_begin(tj),
-                        plan.tile_size(tj), ti == tj};
-    form_tiles(s, t, pair.i0, pair.bi, pair.j0, pair.bj, pair.diagonal, cos_x.get(),
-               cos_y.get());
-    fn(pair, cos_x.get(), cos_y.get());
+  for (int64_t round = 0; round < plan.num_rounds(); ++round) {
+    at::parallel_for(plan.round_begin[round], plan.round_begin[round + 1], 1,
+                     [&](int64_t begin, int64_t end) {
+      auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
+      auto scratch = scratch_buffer<acc_t>(scratch_size);
+      for (int64_t q = begin; q < end; ++q) {
+        const TilePair pair = plan.pair(round, q);
+        form_tiles(s, t, pair.i0, pair.bi, pair.j0, pair.bj, pair.diagonal, cos_x.get(),
+                   cos_y.get());
+        fn(pair, cos_x.get(), cos_y.get(), scratch.get());
+      }
+    });
   }
 }
 
 // ---------------------------------------------------------------------------------------
 // Forward
 
-// One worker's partial sums over the logits it has seen. With the online maximum each sum
+// Running sums over the logits seen so far, per row. With the online maximum each sum
 // carries its own shift; with the fixed shift all shifts are kappa and never change.
 struct PartialSums {
   std::vector<double> row_sum, col_sum, kl_sum, row_shift, col_shift;
@@ -233,47 +253,31 @@ template <typename acc_t, bool kOnlineMax>
 void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, acc_t* row_lse,
                         acc_t* col_lse, acc_t* row_kl, acc_t* diag_cos) {
   const int64_t n = s.size(0);
-  const TilePlan plan(n);
+  const TileSchedule plan(n);
   const double initial_shift =
       kOnlineMax ? -std::numeric_limits<double>::infinity() : static_cast<double>(kappa);
-  std::vector<PartialSums> partials(plan.num_workers, PartialSums(n, initial_shift));
+  PartialSums sums(n, initial_shift);
 
-  for_each_worker(plan, [&](int64_t w) {
-    auto scratch = scratch_buffer<acc_t>(5 * plan.max_tile());
-    for_each_formed_pair<acc_t>(plan, w, s, t, [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y) {
-      if (p.diagonal)
-        for (int64_t i = 0; i < p.bi; ++i) diag_cos[p.i0 + i] = cos_x[i * p.bj + i];
-      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+  for_each_formed_pair<acc_t>(
+      plan, s, t, 5 * plan.max_tile(),
+      [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y, acc_t* scratch) {
         if (p.diagonal)
-          accumulate_tile<acc_t, false, kOnlineMax>(cos_x, cos_y, p.bi, p.bj, kappa, p.i0,
-                                                    p.j0, partials[w], scratch.get());
-        else
-          accumulate_tile<acc_t, true, kOnlineMax>(cos_x, cos_y, p.bi, p.bj, kappa, p.i0, p.j0,
-                                                   partials[w], scratch.get());
+          for (int64_t i = 0; i < p.bi; ++i) diag_cos[p.i0 + i] = cos_x[i * p.bj + i];
+        run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+          if (p.diagonal)
+            accumulate_tile<acc_t, false, kOnlineMax>(cos_x, cos_y, p.bi, p.bj, kappa, p.i0,
+                                                      p.j0, sums, scratch);
+          else
+            accumulate_tile<acc_t, true, kOnlineMax>(cos_x, cos_y, p.bi, p.bj, kappa, p.i0,
+                                                     p.j0, sums, scratch);
+        });
       });
-    });
-  });
 
-  // Merge the workers in order, then turn the sums into the per-row statistics.
   at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      // A worker that never saw row i holds shift -inf and sums 0; merge_shifts adds nothing
-      // for it (and no NaN).
-      double row_shift = partials[0].row_shift[i], row_sum = partials[0].row_sum[i];
-      double col_shift = partials[0].col_shift[i], col_sum = partials[0].col_sum[i];
-      double kl_sum = partials[0].kl_sum[i];
-      for (size_t w = 1; w < partials.size(); ++w) {
-        const PartialSums& p = partials[w];
-        const ShiftMerge<double> r = merge_shifts(row_shift, p.row_shift[i]);
-        row_sum = row_sum * r.factor1 + p.row_sum[i] * r.factor2;
-        row_shift = r.shift;
-        const ShiftMerge<double> c = merge_shifts(col_shift, p.col_shift[i]);
-        col_sum = col_sum * c.factor1 + p.col_sum[i] * c.factor2;
-        kl_sum = kl_sum * c.factor1 + p.kl_sum[i] * c.factor2;
-        col_shift = c.shift;
-      }
-      const RowStats<acc_t> st = finalize_row<acc_t>(row_sum, row_shift, col_sum, col_shift,
-                                                      kl_sum);
+      const RowStats<acc_t> st = finalize_row<acc_t>(sums.row_sum[i], sums.row_shift[i],
+                                                      sums.col_sum[i], sums.col_shift[i],
+                                                      sums.kl_sum[i]);
       row_lse[i] = st.row_lse;
       col_lse[i] = st.col_lse;
       row_kl[i] = st.row_kl;
@@ -367,53 +371,43 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
   }
   const BackwardRows<acc_t> all_rows{row_lse, col_lse, row_kl, row_factor.get(),
                                      col_factor.get()};
-  const TilePlan plan(n);
-  // Worker 0 writes straight into the result; the others into private buffers added after.
-  std::vector<std::vector<acc_t>> private_grads(plan.num_workers - 1,
-                                                std::vector<acc_t>(2 * n * d, acc_t(0)));
-  std::vector<double> dkappa(plan.num_workers, 0.0);
+  const TileSchedule plan(n);
+  // One d kappa sum per slot of a round: a slot's pairs run one round after another, so each
+  // sum is formed in a fixed order, and the slots are added in order at the end.
+  std::vector<double> dkappa(plan.max_round_size(), 0.0);
   const acc_t a = kappa / static_cast<acc_t>(n);
+  const at::Tensor ds_all = matrix_view(ds, n, d), dt_all = matrix_view(dt, n, d);
+  const auto rows = [](const at::Tensor& m, int64_t begin, int64_t size) {
+    return m.narrow(0, begin, size);
+  };
+  const int64_t tile = plan.max_tile();
 
-  for_each_worker(plan, [&](int64_t w) {
-    const at::Tensor my_ds = matrix_view(w == 0 ? ds : private_grads[w - 1].data(), n, d);
-    const at::Tensor my_dt = matrix_view(w == 0 ? dt : private_grads[w - 1].data() + n * d, n, d);
-    const auto rows = [](const at::Tensor& m, int64_t begin, int64_t size) {
-      return m.narrow(0, begin, size);
-    };
-    const int64_t tile = plan.max_tile();
-    auto gx = scratch_buffer<acc_t>(tile * tile), gy = scratch_buffer<acc_t>(tile * tile);
-    for_each_formed_pair<acc_t>(plan, w, s, t, [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y) {
-      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
-        if (p.diagonal)
-          dkappa[w] += gradient_tile<acc_t, false, kFixedShift>(
-              cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
-              w_ce, w_kl, gx.get(), gy.get());
-        else
-          dkappa[w] += gradient_tile<acc_t, true, kFixedShift>(
-              cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
-              w_ce, w_kl, gx.get(), gy.get());
+  // The pairs of a round touch disjoint rows of ds and dt, so each adds its products in place.
+  for_each_formed_pair<acc_t>(
+      plan, s, t, 2 * tile * tile,
+      [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y, acc_t* scratch) {
+        acc_t* gx = scratch;
+        acc_t* gy = scratch + tile * tile;
+        run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+          if (p.diagonal)
+            dkappa[p.slot] += gradient_tile<acc_t, false, kFixedShift>(
+                cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
+                w_ce, w_kl, gx, gy);
+          else
+            dkappa[p.slot] += gradient_tile<acc_t, true, kFixedShift>(
+                cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
+                w_ce, w_kl, gx, gy);
+        });
+        // G_IJ: rows of S_I, columns of T_J.
+        scatter_gradient_tile(gx, p.bi, p.bj, rows(s, p.i0, p.bi), rows(t, p.j0, p.bj), a,
+                              rows(ds_all, p.i0, p.bi), rows(dt_all, p.j0, p.bj));
+        // G_JI = gy^T (off the diagonal): dT_I += a gy S_J, dS_J += a gy^T T_I (the same
+        // shape with t and s exchanged).
+        if (!p.diagonal)
+          scatter_gradient_tile(gy, p.bi, p.bj, rows(t, p.i0, p.bi), rows(s, p.j0, p.bj), a,
+                                rows(dt_all, p.i0, p.bi), rows(ds_all, p.j0, p.bj));
       });
-      // G_IJ: rows of S_I, columns of T_J.
-      scatter_gradient_tile(gx.get(), p.bi, p.bj, rows(s, p.i0, p.bi), rows(t, p.j0, p.bj), a,
-                            rows(my_ds, p.i0, p.bi), rows(my_dt, p.j0, p.bj));
-      // G_JI = gy^T (off the diagonal): dT_I += a gy S_J, dS_J += a gy^T T_I (the same shape
-      // with t and s exchanged).
-      if (!p.diagonal)
-        scatter_gradient_tile(gy.get(), p.bi, p.bj, rows(t, p.i0, p.bi), rows(s, p.j0, p.bj), a,
-                              rows(my_dt, p.i0, p.bi), rows(my_ds, p.j0, p.bj));
-    });
-  });
 
-  if (!private_grads.empty()) {
-    at::parallel_for(0, n * d, 4096, [&](int64_t begin, int64_t end) {
-      for (const auto& buf : private_grads) {
-        for (int64_t e = begin; e < end; ++e) {
-          ds[e] += buf[e];
-          dt[e] += buf[n * d + e];
-        }
-      }
-    });
-  }
   double total = 0;
   for (double v : dkappa) total += v;
   return total / static_cast<double>(n);

@@ -5,19 +5,59 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <vector>
+
 #include "icd_cuda_launch.h"
 
 namespace icd_fast::cuda {
 namespace {
 
+// Compiled with the kernels, for the same arch list: its attributes tell which code the
+// device in use runs (a cubin for its arch, or PTX of an older virtual arch JIT-compiled).
+__global__ void arch_probe_kernel() {}
+
+// The virtual arch of the device code that runs on `device` (cudaFuncAttributes::ptxVersion:
+// 80 for sm_80, 75 for a compute_75 PTX JIT-compiled on a newer GPU), asked once per device.
+int compiled_arch_of(int device) {
+  static std::vector<std::atomic<int>> known(static_cast<size_t>(c10::cuda::device_count()));
+  TORCH_INTERNAL_ASSERT(device >= 0 && static_cast<size_t>(device) < known.size());
+  int arch = known[device].load(std::memory_order_relaxed);
+  if (arch != 0) return arch;
+  cudaFuncAttributes attributes{};
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, arch_probe_kernel);
+  if (status == cudaErrorInvalidDeviceFunction || status == cudaErrorNoKernelImageForDevice) {
+    (void)cudaGetLastError();  // not a sticky error: clear it, so later calls do not see it
+    cudaDeviceProp prop{};
+    C10_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    TORCH_CHECK(false, "icd_fast's CUDA kernels were not compiled for this GPU (", prop.name,
+                ", compute capability ", prop.major, ".", prop.minor,
+                "); rebuild with TORCH_CUDA_ARCH_LIST including ", prop.major, ".", prop.minor);
+  }
+  C10_CUDA_CHECK(status);
+  arch = attributes.ptxVersion;
+  known[device].store(arch, std::memory_order_relaxed);
+  return arch;
+}
+
 struct StreamLaunch {
   cudaStream_t stream;
-  // WMMA with bf16 operands needs sm_80 (the default arch list's oldest).
-  bool tensor_cores() const {
+  int compiled_arch() const {
+    int device = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&device));
+    return compiled_arch_of(device);
+  }
+  // fp16/bf16 input on CUDA cores because the build holds no sm_80+ code for this GPU: worth
+  // a warning only where the GPU itself has the tensor cores.
+  void tensor_cores_missing(int arch) const {
     int device = 0, major = 0;
     C10_CUDA_CHECK(cudaGetDevice(&device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    return major >= 8;
+    if (major * 100 >= ICD_FAST_TENSOR_CORE_MIN_ARCH)
+      TORCH_WARN_ONCE("icd_fast: the CUDA kernels running on this GPU were compiled for "
+                      "compute_", arch, ", which has no tensor-core code; fp16/bf16 inputs use "
+                      "CUDA cores. Build with TORCH_CUDA_ARCH_LIST naming this GPU's arch "
+                      "(8.0 or newer) for the tensor cores.");
   }
   // torch.backends.cuda.matmul.allow_tf32 (or a float32 matmul precision below "highest").
   bool allow_tf32() const { return at::globalContext().allowTF32CuBLAS(); }

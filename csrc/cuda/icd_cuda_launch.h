@@ -28,21 +28,50 @@ namespace icd_fast::cuda {
 template <typename scalar_t>
 using acc_type_for = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Calls body(Products{}) with the tile products for this input dtype: tensor cores for
-// fp16/bf16 where the launcher has them (sm_80+), and for float32 as TF32 when torch's
-// TF32 setting for matmuls also allows it; CUDA-core FMAs otherwise. The backward takes
-// the forward's decision (unless the TF32 setting changes in between), so it recomputes the
+// Which products run, by input dtype and by what the device's code was compiled for.
+enum class ProductsKind { kCudaCores, kTensorCores };
+
+// Whether the device code that runs on the GPU in use has the tensor-core products.
+// `compiled_arch` is the virtual architecture that code was compiled for, as
+// cudaFuncAttributes::ptxVersion reports it (75 for compute_75, 90 for sm_90 built from
+// compute_90). It is not the GPU's compute capability: an A100 running a
+// TORCH_CUDA_ARCH_LIST="7.5+PTX" build JIT-compiles the compute_75 PTX, whose tensor-core
+// functions are __trap() (ICD_FAST_NO_TENSOR_CORES).
+inline bool tensor_cores_compiled(int compiled_arch) {
+  return compiled_arch * 10 >= ICD_FAST_TENSOR_CORE_MIN_ARCH;
+}
+
+// fp16/bf16 on the tensor cores where they were compiled in, float32 as TF32 only when
+// torch's TF32 setting for matmuls also allows it; CUDA-core FMAs otherwise (float64 always).
+inline ProductsKind choose_products(at::ScalarType dtype, int compiled_arch, bool allow_tf32) {
+  if (!tensor_cores_compiled(compiled_arch)) return ProductsKind::kCudaCores;
+  switch (dtype) {
+    case at::kHalf:
+    case at::kBFloat16:
+      return ProductsKind::kTensorCores;
+    case at::kFloat:
+      return allow_tf32 ? ProductsKind::kTensorCores : ProductsKind::kCudaCores;
+    default:
+      return ProductsKind::kCudaCores;
+  }
+}
+
+// Calls body(Products{}) with the tile products choose_products() picks for this input dtype
+// on the launcher's device. A 16-bit dtype that could have used tensor cores but finds none
+// compiled is reported to the launcher (StreamLaunch warns once). The backward takes the
+// forward's decision (unless the TF32 setting changes in between), so it recomputes the
 // forward's logits.
 template <typename scalar_t, typename Launch, typename Body>
 void with_tile_products(const Launch& launch, const Body& body) {
   using acc_t = acc_type_for<scalar_t>;
-  if constexpr (std::is_same_v<scalar_t, c10::Half> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (launch.tensor_cores())
+  constexpr at::ScalarType dtype = c10::CppTypeToScalarType<scalar_t>::value;
+  const int arch = launch.compiled_arch();
+  if (choose_products(dtype, arch, launch.allow_tf32()) == ProductsKind::kTensorCores) {
+    if constexpr (std::is_same_v<scalar_t, c10::Half> ||
+                  std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>)
       return body(TensorCoreProducts<typename TensorCoreOperandOf<scalar_t>::type>{});
-  } else if constexpr (std::is_same_v<scalar_t, float>) {
-    if (launch.tensor_cores() && launch.allow_tf32())
-      return body(TensorCoreProducts<Tf32Operand>{});
   }
+  if (dtype == at::kHalf || dtype == at::kBFloat16) launch.tensor_cores_missing(arch);
   body(SimtProducts<acc_t>{});
 }
 

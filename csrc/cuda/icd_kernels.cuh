@@ -1,8 +1,10 @@
 // CUDA kernels of the fused ICD loss. Plain CUDA C++ plus the WMMA API (the tile products,
 // icd_tile_products.cuh), so that the same source also runs on the CPU under the tests'
 // emulation layer (tests/cuda_emulation/): keep to __syncthreads, __shfl_xor_sync,
-// atomicAdd, __threadfence, nvcuda::wmma and function-scope __shared__ variables, and let
-// every thread of a block reach every barrier (no early return).
+// atomicAdd, __threadfence, nvcuda::wmma and function-scope shared variables declared with
+// ICD_SHARED (the emulation gives each block its own, poisoned), read other blocks' results
+// through read_published(), and let every thread of a block reach every barrier (no early
+// return).
 //
 // Row-block ownership, deterministic, no floating-point atomics: the block that owns rows
 // I = [32 b, 32 b + 32) loops over all column blocks J, forms L_IJ and L_JI tile by tile in
@@ -174,6 +176,13 @@ __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizePa
   }
 }
 
+// A function-scope __shared__ variable. The emulation defines it as a reference to the
+// block's own shared memory, which starts filled with NaN bytes: a read before a write shows.
+#ifndef ICD_SHARED
+#define ICD_SHARED(type, name) __shared__ type name
+#endif
+using ReduceScratch = double[Traits::kThreads];
+
 // Block-wide sum of one double per thread in a fixed order (the same bits every run).
 __device__ __forceinline__ double block_sum(double v, double* scratch) {
   scratch[threadIdx.x] = v;
@@ -187,7 +196,21 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
   return total;
 }
 
-// True in every thread of the block that finishes last (after all others' writes).
+// The completion counter: the last block to finish reduces the other blocks' results (the
+// CUDA programming guide's pattern in "Memory Fence Functions"). Why every read the last block
+// makes of another block's results sees that block's final values:
+//  - release: each thread writes its results, then fences (__threadfence, fence.sc.gpu), and
+//    only after the block barrier that follows does thread 0 increment the counter; so every
+//    result of a block is ordered before its increment (fence, then barrier, then atomic).
+//  - the counter: atomicAdd returns gridDim.x - 1 to exactly one block, the one whose
+//    increment comes after every other block's increment in the counter's order.
+//  - acquire: thread 0 of that block learns it from its atomic, hands it to the block's
+//    threads through the barrier, and each thread fences again before its first read (atomic,
+//    barrier, fence), so no read of the reduction can be ordered before the counter.
+//  - the reads are volatile (read_published): never served from a line that the SM's
+//    incoherent L1 cached earlier, and never hoisted above the fence by the compiler.
+// The emulation checks both fences: an increment without a preceding fence, or a
+// read_published() without a fence after the block's increment, is reported as a misuse.
 __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, bool* flag) {
   __threadfence();
   __syncthreads();
@@ -197,13 +220,24 @@ __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, 
   return *flag;
 }
 
+#ifndef ICD_FAST_CHECK_PUBLISHED_READ
+#define ICD_FAST_CHECK_PUBLISHED_READ()
+#endif
+
+// A value another block wrote before its completion-counter increment (see above).
+template <typename T>
+__device__ __forceinline__ T read_published(const T* p) {
+  ICD_FAST_CHECK_PUBLISHED_READ();
+  return *static_cast<const volatile T*>(p);
+}
+
 // ---------------------------------------------------------------------------------------
 // Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
 template <typename Products, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams<acc_t> p) {
-  __shared__ typename Products::Storage tiles;
-  __shared__ double reduce_scratch[Traits::kThreads];
-  __shared__ bool is_last;
+  ICD_SHARED(typename Products::Storage, tiles);
+  ICD_SHARED(ReduceScratch, reduce_scratch);
+  ICD_SHARED(bool, is_last);
 
   const int n = p.n;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
@@ -256,8 +290,8 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   if (last_block_to_finish(p.blocks_done, &is_last)) {
     double ce = 0, kl = 0;
     for (int r = threadIdx.x; r < n; r += Traits::kThreads) {
-      ce += p.row_ce[r];
-      kl += p.row_kl[r];
+      ce += read_published(p.row_ce + r);
+      kl += read_published(p.row_kl + r);
     }
     ce = block_sum(ce, reduce_scratch) / n;
     kl = block_sum(kl, reduce_scratch) / n;
@@ -289,14 +323,43 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
   static_cast<T*>(base)[index] = static_cast<T>(v);
 }
 
+// The upstream weights of the logit gradients G = w_ce A + w_kl B, divided by 2^e, the power
+// of two that brings the larger weight's magnitude into [1, 2): the G tiles hold G / 2^e, and
+// the sums of their products are multiplied by 2^e afterwards. On the tensor cores the tiles
+// are rounded to fp16, whose largest value is 65504: with torch.amp.GradScaler's default
+// upstream gradient of 2^16, the diagonal G_ii ~ -w_ce would become inf and every step be
+// skipped. With |A| <= 1 and |B| bounded by the logits (not by the weights) nothing
+// overflows, and scalings by powers of two are exact (no bits change in fp32/fp64 unless
+// the scaled G would be subnormal). A zero or non-finite weight keeps the scale 1, so that
+// inf/NaN propagate unchanged.
+template <typename acc_t>
+struct UpstreamWeights {
+  acc_t ce, kl;   // the weights divided by `scale`
+  double scale;   // 2^e
+};
+template <typename acc_t>
+__device__ __forceinline__ UpstreamWeights<acc_t> scaled_upstream_weights(acc_t w_ce,
+                                                                         acc_t w_kl) {
+  const double largest =
+      std::fmax(std::fabs(static_cast<double>(w_ce)), std::fabs(static_cast<double>(w_kl)));
+  int exponent = 0;
+  if (largest > 0 && std::isfinite(largest)) {
+    std::frexp(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
+    --exponent;
+  }
+  return {static_cast<acc_t>(std::ldexp(static_cast<double>(w_ce), -exponent)),
+          static_cast<acc_t>(std::ldexp(static_cast<double>(w_kl), -exponent)),
+          std::ldexp(1.0, exponent)};
+}
+
 // ---------------------------------------------------------------------------------------
 // The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
 // for the block's rows, then back through the normalisation, and (last block) d theta.
 template <typename Products, typename out_t, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
-  __shared__ typename Products::Storage tiles;
-  __shared__ double reduce_scratch[Traits::kThreads];
-  __shared__ bool is_last;
+  ICD_SHARED(typename Products::Storage, tiles);
+  ICD_SHARED(ReduceScratch, reduce_scratch);
+  ICD_SHARED(bool, is_last);
 
   const int n = p.n, d = p.d;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
@@ -307,9 +370,11 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   const double log_scale = *p.log_scale;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(log_scale, p.max_scale));
   const acc_t g_loss = p.grad_loss ? *p.grad_loss : acc_t(0);
-  const acc_t w_ce = g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0));
-  const acc_t w_kl = p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0));
-  const acc_t a = kappa / static_cast<acc_t>(n);
+  const UpstreamWeights<acc_t> w = scaled_upstream_weights<acc_t>(
+      g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0)),
+      p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0)));
+  // kappa / N, and the weights' 2^e that the G tiles leave out.
+  const acc_t a = kappa / static_cast<acc_t>(n) * static_cast<acc_t>(w.scale);
   const bool row_ok = i < n;
   const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
   const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
@@ -329,10 +394,10 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
         const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
             l_ij, l_ji, r_i, c_i, k_i, r_j, c_j, k_j,
             pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
-            j == i ? acc_t(1) : acc_t(0), w_ce, w_kl);
+            j == i ? acc_t(1) : acc_t(0), w.ce, w.kl);
         g_ij = g.ij;
         g_ji = g.ji;
-        dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij
+        dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij / 2^e
       }
       tiles.gx[row][jj] = Products::to_operand(g_ij);
       tiles.gy[row][jj] = Products::to_operand(g_ji);
@@ -371,11 +436,12 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   if (tid == 0) p.block_dkappa[blockIdx.x] = block_total;
   if (last_block_to_finish(p.blocks_done, &is_last)) {
     double total = 0;
-    for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads) total += p.block_dkappa[b];
+    for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads)
+      total += read_published(p.block_dkappa + b);
     total = block_sum(total, reduce_scratch);
     if (tid == 0)
-      *p.grad_log_scale =
-          static_cast<acc_t>(total / n * scale_grad_factor(log_scale, p.max_scale));
+      *p.grad_log_scale = static_cast<acc_t>(total * w.scale / n *
+                                             scale_grad_factor(log_scale, p.max_scale));
   }
 }
 

@@ -6,12 +6,12 @@
 //
 // Two implementations with one interface, chosen by the kernels' Products parameter:
 //   SimtProducts<acc_t>          CUDA-core FMAs in acc_t (float64; float32 by default;
-//                                fp16/bf16 on GPUs older than sm_80)
+//                                fp16/bf16 where no sm_80+ code runs)
 //   TensorCoreProducts<Operand>  WMMA tiles on sm_80+: fp16 and bf16 inputs (16x16x16), and
 //                                float32 inputs as TF32 (16x16x8) when torch allows TF32
 //                                matmuls. The unit rows and G are rounded to the operand
 //                                type; products accumulate in float32.
-// Each keeps its shared tiles in a Storage struct that the kernel declares __shared__. The
+// Each keeps its shared tiles in a Storage struct that the kernel declares shared. The
 // CUDA-core products stage feature chunks of the rows in shared memory; the tensor-core
 // products read operand copies of the rows (TileRows::op_s / op_t) from global memory.
 #pragma once
@@ -27,9 +27,12 @@
 #include <mma.h>
 #endif
 
-// WMMA on bf16 needs sm_80. Device code for older archs keeps the tensor-core functions as
-// traps; the launcher never picks them on such a GPU (StreamLaunch::tensor_cores).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+// WMMA on bf16 and tf32 needs sm_80. Device code compiled for an older virtual arch keeps the
+// tensor-core functions as traps; the launcher picks them only where the code that runs on
+// the device was compiled for this arch or newer (tensor_cores_compiled in
+// icd_cuda_launch.h), which a GPU's compute capability alone does not tell.
+#define ICD_FAST_TENSOR_CORE_MIN_ARCH 800
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < ICD_FAST_TENSOR_CORE_MIN_ARCH
 #define ICD_FAST_NO_TENSOR_CORES 1
 #endif
 

@@ -9,22 +9,32 @@
 namespace {
 
 struct EmulatedLaunch {
-  bool use_tensor_cores = true;  // the WMMA paths, or the CUDA-core ones
-  bool use_tf32 = false;         // float32 inputs on the TF32 tensor cores
-  bool tensor_cores() const { return use_tensor_cores; }
+  int device_code_arch = 90;  // what the emulated build "compiled" for the device
+  bool use_tf32 = false;      // torch's TF32 setting for matmuls
+  int compiled_arch() const { return device_code_arch; }
   bool allow_tf32() const { return use_tf32; }
+  void tensor_cores_missing(int) const {}
   template <typename Kernel, typename Params>
   void operator()(Kernel kernel, int64_t blocks, const Params& params) const {
+    cuda_emulation::device_code_arch = device_code_arch;
     cuda_emulation::launch(static_cast<unsigned int>(blocks), icd_fast::cuda::Traits::kThreads,
                            [&] { kernel(params); });
   }
 };
 
+// The host decision alone: "tensor_cores" or "cuda_cores".
+std::string products_for(at::ScalarType dtype, int compiled_arch, bool tf32) {
+  return icd_fast::cuda::choose_products(dtype, compiled_arch, tf32) ==
+                 icd_fast::cuda::ProductsKind::kTensorCores
+             ? "tensor_cores"
+             : "cuda_cores";
+}
+
 std::vector<at::Tensor> emulated_forward(const at::Tensor& z_s, const at::Tensor& z_t,
                                          const at::Tensor& log_scale, double alpha,
-                                         double max_scale, bool tensor_cores, bool tf32) {
+                                         double max_scale, int compiled_arch, bool tf32) {
   auto [loss, ce, kl, r, c, k, unit, norms] = icd_fast::cuda::forward_impl(
-      EmulatedLaunch{tensor_cores, tf32}, z_s, z_t, log_scale, alpha, max_scale);
+      EmulatedLaunch{.device_code_arch = compiled_arch, .use_tf32 = tf32}, z_s, z_t, log_scale, alpha, max_scale);
   return {loss, ce, kl, r, c, k, unit, norms};
 }
 
@@ -35,9 +45,9 @@ std::vector<at::Tensor> emulated_backward(const std::optional<at::Tensor>& grad_
                                           const at::Tensor& log_scale, const at::Tensor& r,
                                           const at::Tensor& c, const at::Tensor& k,
                                           double alpha, double max_scale,
-                                          at::ScalarType grad_dtype, bool tensor_cores,
+                                          at::ScalarType grad_dtype, int compiled_arch,
                                           bool tf32) {
-  auto [gs, gt, gl] = icd_fast::cuda::backward_impl(EmulatedLaunch{tensor_cores, tf32}, grad_loss, grad_ce,
+  auto [gs, gt, gl] = icd_fast::cuda::backward_impl(EmulatedLaunch{.device_code_arch = compiled_arch, .use_tf32 = tf32}, grad_loss, grad_ce,
                                                     grad_kl, unit, norms, log_scale, r, c, k,
                                                     alpha, max_scale, grad_dtype);
   return {gs, gt, gl};
@@ -48,11 +58,16 @@ std::vector<at::Tensor> emulated_backward(const std::optional<at::Tensor>& grad_
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &emulated_forward, "", pybind11::arg("z_s"), pybind11::arg("z_t"),
         pybind11::arg("log_scale"), pybind11::arg("alpha"), pybind11::arg("max_scale"),
-        pybind11::arg("tensor_cores") = true, pybind11::arg("tf32") = false);
+        pybind11::arg("compiled_arch") = 90, pybind11::arg("tf32") = false);
   m.def("backward", &emulated_backward, "", pybind11::arg("grad_loss"), pybind11::arg("grad_ce"),
         pybind11::arg("grad_kl"), pybind11::arg("unit"), pybind11::arg("norms"),
         pybind11::arg("log_scale"), pybind11::arg("row_lse"), pybind11::arg("col_lse"),
         pybind11::arg("row_kl"), pybind11::arg("alpha"), pybind11::arg("max_scale"),
-        pybind11::arg("grad_dtype"), pybind11::arg("tensor_cores") = true,
+        pybind11::arg("grad_dtype"), pybind11::arg("compiled_arch") = 90,
         pybind11::arg("tf32") = false);
+  m.def("set_schedule", &cuda_emulation::set_schedule,
+        "Blocks of the following launches: shuffled by seed (+1 per launch), so many at once",
+        pybind11::arg("seed"), pybind11::arg("concurrent_blocks"));
+  m.def("products_for", &products_for, "", pybind11::arg("dtype"), pybind11::arg("compiled_arch"),
+        pybind11::arg("tf32"));
 }

@@ -14,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from train import distributed, engine  # noqa: E402
 from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset  # noqa: E402
+from train.data.labels import dataset_labels  # noqa: E402
 from train.distillers import build_distiller  # noqa: E402
 
 
@@ -32,7 +33,9 @@ def main(out: str, method: str) -> None:
     torch.manual_seed(distributed.rank())
     teacher, student = small_net(16), small_net(8)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    distiller = build_distiller(method, student, teacher, num_samples=len(train)).to(device)
+    options = {"num_negatives": 64} if method == "crd" else {}  # K = 16384 would be slow
+    distiller = build_distiller(method, student, teacher, num_samples=len(train),
+                                labels=dataset_labels(train), **options).to(device)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
     config = engine.TrainConfig(epochs=4, batch_size=32, seed=5, out_dir=Path(out) / "run")

@@ -180,8 +180,9 @@ def correlation_command(args) -> int:
                          "names: give it with --teacher")
     device = distributed.init_from_env(args.device)
     _, test_set, classes, channels = load_data(args.dataset, args.data, args.download)
-    networks = [load_model(teacher_name, teacher_ckpt, classes, channels).to(device)]
-    networks += [load_model(model, ckpt, classes, channels).to(device)
+    trust = args.trust_checkpoint
+    networks = [load_model(teacher_name, teacher_ckpt, classes, channels, trust).to(device)]
+    networks += [load_model(model, ckpt, classes, channels, trust).to(device)
                  for (ckpt, _), model in zip(students, models)]
     teacher_corr, *student_corrs = logit_correlations(
         networks, test_set, classes, args.batch_size, device, args.workers)
