@@ -214,17 +214,22 @@ def test_results_out_writes_markdown_and_a_bar_chart_per_table(tmp_path, capsys)
     assert main(["results", "--runs", str(runs), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     markdown = (out / "cifar100-same-family.md").read_text()
-    assert "| resnet56 -> resnet20 |" in markdown and "71.00 +- 1.41 (2)" in markdown
-    chart = out / "cifar100-same-family_top1-measured.png"
+    assert "resnet56 -> resnet20" in markdown and "71.00 +- 1.41 (2)" in markdown
+    chart = out / "cifar100-same-family_top1-measured-vs-published.png"
     assert f"wrote {chart}" in printed and chart.exists()
     cells = {(c["row"], c["column"]): c for c in sidecar(chart)["cells"]}
     both = cells[("resnet56 -> resnet20", "icd_kd")]
     assert both["measured"] == [70.0, 72.0] and both["mean"] == 71.0
     assert both["std"] == pytest.approx(math.sqrt(2))
-    assert cells[("resnet56 -> resnet20", "kd")]["mean"] == 69.5
+    kd = cells[("resnet56 -> resnet20", "kd")]
+    # The CRD paper's Table 1: KD resnet56 -> resnet20, 70.66.
+    assert kd["mean"] == 69.5 and kd["published"] == 70.66
     # Nothing was measured for this cell: it is kept, marked empty, not drawn as zero.
     assert cells[("resnet56 -> resnet20", "icd")]["mean"] is None
     assert cells[("resnet110 -> resnet20", "icd")]["measured"] == [66.0]
+    # FSP does not apply to wrn_40_2 -> wrn_40_1 (the paper's "n/a"): no bar, no mark.
+    assert ("wrn_40_2 -> wrn_40_1", "fsp") not in cells
+    assert ("wrn_40_2 -> wrn_16_2", "fsp") in cells
 
 
 def test_bar_chart_puts_the_published_value_beside_the_measured(tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from ..results import ResultTable, collect_tables, format_tables
 from .output import file_stem, pyplot, save_figure
@@ -13,17 +13,30 @@ from .output import file_stem, pyplot, save_figure
 MAX_WIDTH_INCHES = 30
 
 
+def published_number(table: ResultTable, row: str, column: str) -> Optional[float]:
+    """The paper's value of a cell where it reports a number (None: not recorded or n/a)."""
+    value = table.published.get((row, column))
+    if value is None:
+        cell = table.cells.get((row, column))
+        value = cell.published if cell is not None else None
+    return float(value) if isinstance(value, (int, float)) else None
+
+
 def table_values(table: ResultTable) -> dict:
-    """What the chart draws, cell by cell (mean/std None: nothing measured)."""
+    """What the chart draws, cell by cell (mean/std None: nothing measured; a method that
+    does not apply to a pair has no cell)."""
     cells = []
+    not_applicable = table.not_applicable
     for row in table.rows:
         for column in table.columns:
+            if (row, column) in not_applicable:
+                continue
             cell = table.cells.get((row, column))
             measured = list(cell.measured) if cell is not None else []
             cells.append({"row": row, "column": column, "measured": measured,
                           "mean": cell.mean if measured else None,
                           "std": cell.std if measured else None,
-                          "published": cell.published if cell is not None else None})
+                          "published": published_number(table, row, column)})
     return {"table": table.name, "title": table.title, "rows": list(table.rows),
             "columns": list(table.columns), "cells": cells}
 
@@ -57,7 +70,9 @@ def plot_table(table: ResultTable, folder, fmt: str = "png") -> Path:
         colour = colours[j % len(colours)]
         for i, row in enumerate(table.rows):
             x = i * group + j * slots
-            cell = cells[(row, column)]
+            cell = cells.get((row, column))
+            if cell is None:  # the method does not apply to this pair: an empty slot
+                continue
             if cell["mean"] is not None:
                 ax.bar(x, cell["mean"] - floor, bottom=floor, yerr=cell["std"], capsize=2,
                        color=colour, label=label(column))
@@ -85,14 +100,18 @@ def plot_table(table: ResultTable, folder, fmt: str = "png") -> Path:
 
 
 def write_table_files(tables: List[ResultTable], folder, fmt: str = "png") -> List[Path]:
-    """Per table: TABLE.md and its bar chart; returns the paths written."""
+    """Per table: TABLE.md and, where it has a value to draw, its bar chart; returns the
+    paths written."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for table in tables:
         markdown = folder / f"{file_stem(table.name)}.md"
         markdown.write_text(format_tables([table]) + "\n")
-        paths += [markdown, plot_table(table, folder, fmt)]
+        paths.append(markdown)
+        drawn = table_values(table)["cells"]
+        if any(c["mean"] is not None or c["published"] is not None for c in drawn):
+            paths.append(plot_table(table, folder, fmt))
     return paths
 
 
