@@ -274,8 +274,10 @@ def test_evaluate_reads_every_format_of_a_trained_model(tmp_path, capsys):
     assert evaluate_line(capsys, tmp_path / "t" / "last.pt") == accuracy
     model = build_model("resnet8", 10, 1)
     load_model_weights(model, tmp_path / "t" / "best.pt")
-    for layout, wrap in FORMATS.items():
-        torch.save(wrap(model.state_dict(), model), tmp_path / "f.pth")
+    # One of each publisher through the command (every layout is loaded above).
+    for layout in ("CRD ckpt_epoch_240.pth", "CRD <model>_last.pth (argparse options)",
+                   "mdistiller best (DataParallel distiller)", "DDP of a compiled model"):
+        torch.save(FORMATS[layout](model.state_dict(), model), tmp_path / "f.pth")
         assert evaluate_line(capsys, tmp_path / "f.pth") == accuracy, layout
 
 

@@ -104,10 +104,10 @@ def probe_checkpoint(model_name: str, ckpt, dataset: str, root, args) -> float:
     from .models import build_model
 
     device = distributed.init_from_env(args.device)
-    trust = args.trust_checkpoint
     # Any class count names the layers alike: a 2-class template reads the keys.
-    state = read_state_dict(ckpt, build_model(model_name, 2), trust, model_name)
-    model = build_model(model_name, classes_in_state_dict(build_model(model_name, 2), state))
+    template = build_model(model_name, 2)
+    state = read_state_dict(ckpt, template, args.trust_checkpoint, model_name)
+    model = build_model(model_name, classes_in_state_dict(template, state))
     with naming_the_file(ckpt):
         load_state(model, state, model_name)
     train_set, test_set, classes = load_probe_data(dataset, root, args.image_size,
