@@ -17,11 +17,12 @@ from torch import nn
 
 from data_files import write_cifar100, write_stl10
 from train.checkpoints import (CheckpointMismatch, UntrustedCheckpoint, extract_state_dict,
-                               load_model_weights, read_checkpoint)
+                               load_model, load_model_weights, read_checkpoint)
 from train.cli import main
 from train.distillers import build_distiller
 from train.models import build_model, classifier_layer
 from train.teachers import PUBLISHED_TEACHERS
+from zoo_fixture import cifar_zoo, logits_input, reference_weights
 
 
 def trained_looking(name="resnet8", classes=10, channels=3, seed=1):
@@ -382,3 +383,23 @@ def test_the_published_teachers_are_the_benchmarks_with_its_accuracies():
 
     cifar_teachers = {c.teacher for c in CONFIGS.values() if c.dataset == "cifar100"}
     assert cifar_teachers == set(PUBLISHED_TEACHERS)
+
+
+@pytest.mark.parametrize("teacher", sorted(PUBLISHED_TEACHERS))
+def test_published_teacher_files_built_from_the_reference_keys_give_the_reference_logits(
+        teacher, tmp_path):
+    record = cifar_zoo()[teacher]
+    # As the benchmark wrote them: torch 1.x serialisation, no batch counters, float32.
+    state = {k: v.float() for k, v in reference_weights(record["state_dict"]).items()
+             if not k.endswith("num_batches_tracked")}
+    path = tmp_path / f"{teacher}_vanilla" / "ckpt_epoch_240.pth"
+    path.parent.mkdir()
+    torch.save({"epoch": 240, "model": state, "accuracy": torch.tensor(70.0),
+                "optimizer": {"state": {}, "param_groups": []}}, path,
+               _use_new_zipfile_serialization=False)
+    model = load_model(teacher, path, 100, 3).double().eval()
+    with torch.no_grad():
+        logits = model(logits_input())
+    expected = torch.tensor(record["logits"], dtype=torch.float64)
+    # float32 weights: agreement to float32 rounding, far below any wrong-key mix-up.
+    assert torch.allclose(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
