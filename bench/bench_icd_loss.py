@@ -6,7 +6,8 @@ repeats; the table prints ratios against eager. Forward is timed with autograd r
 in training), backward separately after it, and "both" is their sum in one repeat; on a GPU
 with CUDA events. Every time is the median of at least 5 repeats, stored with its samples and
 printed with its spread (min-max). Peak memory is the most bytes allocated at once above the
-level before the repeats: on the CPU counted by a malloc wrapper (tests/allocation_counter;
+level before the repeats (inputs allocated, no gradients held), so it includes the
+gradients and the tensors saved for the backward: on the CPU counted by a malloc wrapper (tests/allocation_counter;
 the script re-runs itself under it), so that it sees every allocation of the fused kernel
 (torch tensors, operator new, BLAS), whether or not the pages were already resident; on a
 GPU torch.cuda.max_memory_allocated.
@@ -272,6 +273,8 @@ def measure(fn, n, d, dtype, device, repeats, warmup):
     th = torch.tensor(1.0, device=device, requires_grad=True)
     for _ in range(warmup):
         time_once(fn, z_s, z_t, th, device)
+    for x in (z_s, z_t, th):  # the peak then includes the gradients each repeat allocates
+        x.grad = None
     with PeakMemory(device) as mem:
         runs = [time_once(fn, z_s, z_t, th, device) for _ in range(repeats)]
     return summarize(runs, mem, repeats)
@@ -328,6 +331,8 @@ def measure_module(impl: str, n: int, s_dim: int, t_dim: int, device, repeats: i
 
     for _ in range(warmup):
         step()
+    criterion.zero_grad(set_to_none=True)
+    f_s.grad = None
     with PeakMemory(device) as mem:
         runs = [step() for _ in range(repeats)]
     return summarize(runs, mem, repeats)
@@ -470,6 +475,8 @@ def main(argv=None):
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--impls", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
                         help="what to time (max-autotune compiles for minutes per shape)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads before timing (default: torch's own choice)")
     parser.add_argument("--repeats", type=int, default=MIN_REPEATS,
                         help=f"repeats per timing (at least {MIN_REPEATS}; 4x that for N <= 1024)")
     parser.add_argument("--module-sizes", type=int, nargs="*", default=[64, 256],
@@ -495,6 +502,8 @@ def main(argv=None):
         args.sizes, args.dims = [64, 256, 1024], [128]
     if args.device == "cpu":
         rerun_under_counting_malloc()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     report = run(args)
     if args.quick and args.out is None:
         return report
