@@ -50,8 +50,12 @@ def test_linear_probe_command_on_stl10_files(tmp_path, no_md5, capsys):
 
 def test_every_table_row_has_a_config_per_method():
     rows = {table: len(pairs) for table, (_, pairs) in TABLES.items()}
-    assert rows == {"cifar100-same-family": 7, "cifar100-other-family": 6, "imagenet": 2,
+    assert rows == {"cifar100-same-family": 7, "cifar100-other-family": 6, "imagenet": 3,
                     "transfer": 1}
+    # The paper's Table 3: ResNet-34 -> ResNet-18, ResNet-50 -> ResNet-18 and -> MobileNet V1.
+    assert TABLES["imagenet"][1] == (("tv_resnet34", "tv_resnet18"),
+                                     ("tv_resnet50", "tv_resnet18"),
+                                     ("tv_resnet50", "mobilenet_v1"))
     # Table 1's FSP cell of wrn_40_2 -> wrn_40_1 and Table 2's FSP column are n/a.
     assert len(CONFIGS) == 7 * 17 - 1 + 6 * 16 + rows["imagenet"] * 8 + 8
     # crd_kd is registered by the CRD work (its own branch).

@@ -1,31 +1,40 @@
-"""Model zoo and penultimate-feature extraction for any classifier.
+"""Model zoo, feature points and penultimate-feature extraction for any classifier.
 
-`build_model(name, num_classes)` knows the CIFAR zoo of the distillation literature (this
-package) and, with a `tv_` prefix or for ImageNet names, torchvision's models.
-`FeatureTap` takes the penultimate features of any model whose last layer is an nn.Linear
-(the input of that layer), by a forward hook: no model needs to be written for distillation.
+`build_model(name, num_classes, in_channels)` knows the CIFAR zoo of the distillation
+literature (key- and computation-compatible with the CRD benchmark's definitions, so its
+published checkpoints and mdistiller's load), MobileNet V1 for ImageNet, and, with a `tv_`
+prefix, torchvision's models. `feature_points` returns a model's stem, stage and pooled
+features; `FeatureTap` records the penultimate feature of any model whose last layer is an
+nn.Linear, by a forward hook: no model needs to be written for distillation.
 """
 from __future__ import annotations
 
 from typing import Callable, Dict
 
-import torch
 from torch import nn
 
-from . import cifar_mobile, cifar_resnet, wrn_vgg
+from . import cifar_resnet, mobilenet_v1, mobilenetv2, resnet50, shufflenet, vgg, wrn
+from .points import FeatureTap, classifier_layer, feature_points, feature_taps, penultimate_tap
 
-CIFAR_MODELS: Dict[str, Callable[..., nn.Module]] = {**cifar_resnet.MODELS, **wrn_vgg.MODELS,
-                                                     **cifar_mobile.MODELS}
+__all__ = ["build_model", "model_names", "feature_points", "feature_taps", "FeatureTap",
+           "classifier_layer", "penultimate_tap", "CIFAR_MODELS", "IMAGENET_MODELS"]
+
+CIFAR_MODELS: Dict[str, Callable[..., nn.Module]] = {
+    **cifar_resnet.MODELS, **resnet50.MODELS, **wrn.MODELS, **vgg.MODELS, **mobilenetv2.MODELS,
+    **shufflenet.MODELS}
+IMAGENET_MODELS: Dict[str, Callable[..., nn.Module]] = {**mobilenet_v1.MODELS}
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "mobilenet_v2")
 
 
 def model_names():
-    return sorted(CIFAR_MODELS) + [f"tv_{n}" for n in TORCHVISION_MODELS]
+    return (sorted(CIFAR_MODELS) + sorted(IMAGENET_MODELS)
+            + [f"tv_{n}" for n in TORCHVISION_MODELS])
 
 
 def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    if name in CIFAR_MODELS:
-        return CIFAR_MODELS[name](num_classes=num_classes, in_channels=in_channels)
+    own = CIFAR_MODELS.get(name) or IMAGENET_MODELS.get(name)
+    if own is not None:
+        return own(num_classes=num_classes, in_channels=in_channels)
     if name.startswith("tv_"):
         import torchvision
 
@@ -33,30 +42,3 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
             raise ValueError(f"torchvision models take 3 input channels, got {in_channels}")
         return torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
     raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
-
-
-def classifier_layer(model: nn.Module) -> nn.Linear:
-    """The model's final nn.Linear (the last one registered), whatever it is called."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to tap")
-    return linears[-1]
-
-
-class FeatureTap:
-    """Records the input of a model's classifier on every forward: `tap.features`."""
-
-    def __init__(self, model: nn.Module):
-        self.layer = classifier_layer(model)
-        self.features: torch.Tensor | None = None
-        self._handle = self.layer.register_forward_hook(self._record)
-
-    def _record(self, module, inputs, output):
-        self.features = inputs[0]
-
-    @property
-    def dim(self) -> int:
-        return self.layer.in_features
-
-    def remove(self):
-        self._handle.remove()

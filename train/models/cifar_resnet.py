@@ -1,31 +1,40 @@
 """The CIFAR ResNets of the distillation literature (resnet8 ... resnet110, resnet8x4,
-resnet32x4): three stages of basic blocks on 32x32 inputs, global pooling, one linear layer."""
+resnet32x4): a 3x3 stem and three stages of basic blocks, global pooling, one linear layer.
+Module names and computation follow the CRD benchmark's definitions, so its published
+checkpoints load with `strict=True`."""
 from __future__ import annotations
 
 from torch import nn
 
+from .taps import GlobalAvgPool, staged_taps
+
+
+def conv3x3(in_planes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.conv1 = conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                          nn.BatchNorm2d(planes))
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        # Its own module, not in place, so that a hook can read the pre-activation.
+        self.relu_out = nn.ReLU()
 
     def forward(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        residual = x if self.downsample is None else self.downsample(x)
+        return self.relu_out(out + residual)
 
 
 class CifarResNet(nn.Module):
-    """depth = 6 k + 2 basic-block layers; widths (stem, stage1, stage2, stage3)."""
+    """depth = 6 k + 2; widths = (stem, stage 1, stage 2, stage 3)."""
 
     def __init__(self, depth: int, widths=(16, 16, 32, 64), num_classes: int = 100,
                  in_channels: int = 3):
@@ -33,25 +42,36 @@ class CifarResNet(nn.Module):
         if (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6k + 2, got {depth}")
         blocks = (depth - 2) // 6
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True))
-        stages, in_planes = [], widths[0]
-        for stage, planes in enumerate(widths[1:]):
-            layers = []
-            for b in range(blocks):
-                layers.append(BasicBlock(in_planes, planes, 2 if (b == 0 and stage > 0) else 1))
-                in_planes = planes
-            stages.append(nn.Sequential(*layers))
-        self.stages = nn.Sequential(*stages)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.in_planes = widths[0]
+        self.conv1 = conv3x3(in_channels, widths[0])
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(widths[1], blocks, 1)
+        self.layer2 = self._make_layer(widths[2], blocks, 2)
+        self.layer3 = self._make_layer(widths[3], blocks, 2)
+        self.avgpool = GlobalAvgPool()
+        self.fc = nn.Linear(widths[3], num_classes)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.in_planes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.in_planes, planes, 1, stride, bias=False),
+                                       nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.in_planes, planes, stride, downsample)]
+        self.in_planes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
     def forward(self, x):
-        x = self.pool(self.stages(self.stem(x))).flatten(1)
-        return self.fc(x)
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(self.avgpool(x))
+
+    def feature_taps(self, preact: bool = False):
+        return staged_taps(self.relu, (self.layer1, self.layer2, self.layer3), self.fc, preact)
 
 
 def _factory(depth, widths):
