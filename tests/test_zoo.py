@@ -1,6 +1,8 @@
 """The CIFAR zoo against the CRD benchmark's definitions (fixtures/cifar_zoo.json,
 methods.json), feature points of every model, MobileNet V1, penultimate features before
 dropout."""
+from functools import lru_cache
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,15 @@ from train.models import (CIFAR_MODELS, FeatureTap, build_model, classifier_laye
 from zoo_fixture import cifar_zoo, logits_input, methods, methods_input, reference_model
 
 ZOO = sorted(cifar_zoo())
+
+
+@lru_cache(maxsize=None)
+def reference_points(name: str, preact: bool = False, batch: str = "logits"):
+    """feature_points of the fixture model on the fixture's input (computed once: the
+    machine is small)."""
+    images = logits_input() if batch == "logits" else methods_input()
+    with torch.no_grad():
+        return feature_points(reference_model(name), images, preact=preact)
 
 
 def test_fixture_and_zoo_name_the_same_22_models():
@@ -91,12 +102,11 @@ EXPECTED_POINTS = {
 @pytest.mark.parametrize("preact", [False, True])
 def test_feature_points_of_every_cifar_model(name, preact):
     model = reference_model(name)
-    images = logits_input()
-    with torch.no_grad():
-        features, logits = feature_points(model, images, preact=preact)
-        plain_logits = model(images)
+    features, logits = reference_points(name, preact)
     assert [tuple(f.shape) for f in features] == EXPECTED_POINTS[name]
-    assert torch.equal(logits, plain_logits)  # the hooks change nothing
+    # The hooks change nothing: the fixture's logits.
+    expected = torch.tensor(cifar_zoo()[name]["logits"], dtype=torch.float64)
+    assert ((logits - expected).abs().max() / expected.abs().max()).item() <= 1e-10
     # The last point is the classifier's input.
     torch.testing.assert_close(classifier_layer(model)(features[-1]), logits, rtol=0, atol=1e-12)
     assert not model._forward_hooks and not model._forward_pre_hooks
@@ -107,10 +117,8 @@ def test_feature_points_of_every_cifar_model(name, preact):
 def test_feature_shapes_of_the_methods_fixture_pairs(pair):
     teacher_name, student_name = pair.split(":")
     record = methods()["pairs"][pair]
-    images = methods_input()
     for name, key in ((teacher_name, "teacher_features"), (student_name, "student_features")):
-        with torch.no_grad():
-            features, _ = feature_points(reference_model(name), images)
+        features, _ = reference_points(name, batch="methods")
         assert [list(f.shape) for f in features] == record[key], name
 
 
@@ -123,10 +131,8 @@ def test_feature_values_give_the_fixture_attention_transfer_values(pair):
     """The points' values, not only their shapes, are the reference's: attention transfer
     (p = 2, written out here) on them reproduces the recorded values."""
     teacher_name, student_name = pair.split(":")
-    images = methods_input()
-    with torch.no_grad():
-        teacher, _ = feature_points(reference_model(teacher_name), images)
-        student, _ = feature_points(reference_model(student_name), images)
+    teacher, _ = reference_points(teacher_name, batch="methods")
+    student, _ = reference_points(student_name, batch="methods")
     values = []
     for s, t in zip(student[1:-1], teacher[1:-1]):
         size = min(s.shape[2], t.shape[2])
@@ -143,10 +149,8 @@ CHANNEL_SHUFFLE_2 = staticmethod(lambda x: x.view(x.shape[0], 2, x.shape[1] // 2
                                   "ShuffleV2", "MobileNetV2", "wrn_16_2"])
 def test_preact_points_are_the_stage_outputs_before_their_relu(name):
     model = reference_model(name)
-    images = logits_input()
-    with torch.no_grad():
-        plain, _ = feature_points(model, images)
-        preact, _ = feature_points(model, images, preact=True)
+    plain, _ = reference_points(name)
+    preact, _ = reference_points(name, preact=True)
     assert torch.equal(plain[0], preact[0]) and torch.equal(plain[-1], preact[-1])
     for stage, (p, q) in enumerate(zip(plain[1:-1], preact[1:-1])):
         if name == "MobileNetV2":  # linear bottlenecks: no ReLU ends a stage
@@ -169,18 +173,19 @@ def test_preact_points_are_the_stage_outputs_before_their_relu(name):
                                    atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["resnet8", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1",
-                                  "ShuffleV2", "tv_resnet18", "tv_mobilenet_v2", "mobilenet_v1"])
+# One model per kind of tap: module outputs, classifier inputs, a transform (VGG), a final
+# ReLU's input, the ShuffleV2 pre-activation join, torchvision's cloned in-place ReLU input.
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_2", "vgg8", "ShuffleV2", "tv_resnet18",
+                                  "mobilenet_v1"])
 @pytest.mark.parametrize("preact", [False, True])
 def test_gradients_flow_through_every_feature_point(name, preact):
     torch.manual_seed(0)
     model = build_model(name, 10).train()
-    features, logits = feature_points(model, torch.randn(2, 3, 32, 32), preact=preact)
+    first_conv = next(p for p in model.parameters() if p.dim() == 4)
+    features, logits = feature_points(model, torch.randn(2, 3, 16, 16), preact=preact)
     for index, feature in enumerate(features):
-        grad = torch.autograd.grad(feature.square().sum(), [p for p in model.parameters()],
-                                   allow_unused=True, retain_graph=True)
-        first_conv = next(i for i, p in enumerate(model.parameters()) if p.dim() == 4)
-        assert grad[first_conv] is not None and grad[first_conv].abs().sum() > 0, index
+        (grad,) = torch.autograd.grad(feature.square().sum(), [first_conv], retain_graph=True)
+        assert grad.abs().sum() > 0, index
 
 
 TORCHVISION_POINTS = {
@@ -265,3 +270,24 @@ def test_penultimate_feature_skips_the_dropout_run_before_any_final_linear():
     model(x)
     torch.testing.assert_close(tap.features, F.relu(head[0](x)))
     assert tap.dim == 8
+
+
+def test_vgg_pools_a_fourth_time_from_64x64_inputs_as_the_reference_does():
+    # The reference runs block 4 at block 3's resolution for 32x32 (4x4, EXPECTED_POINTS)
+    # and at half of it for 64x64 (Tiny-ImageNet): 8x8 then 4x4.
+    model = build_model("vgg8", 10).eval()
+    with torch.no_grad():
+        features, _ = feature_points(model, torch.randn(1, 3, 64, 64))
+    assert [tuple(f.shape[1:]) for f in features[1:-1]] == [(128, 32, 32), (256, 16, 16),
+                                                             (512, 8, 8), (512, 4, 4)]
+
+
+def test_feature_points_look_through_a_data_parallel_wrapper():
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        wrapped, wrapped_logits = feature_points(nn.DataParallel(model), images)
+        plain, logits = feature_points(model, images)
+    assert torch.equal(wrapped_logits, logits)
+    assert all(torch.equal(a, b) for a, b in zip(wrapped, plain))

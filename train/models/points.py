@@ -42,7 +42,10 @@ def _torchvision_taps() -> Dict[type, Callable[[nn.Module, bool], List[Tap]]]:
 
 
 def feature_taps(model: nn.Module, preact: bool = False) -> List[Tap]:
-    """Where `model`'s feature points are: stem, stages, pooled feature."""
+    """Where `model`'s feature points are: stem, stages, pooled feature. A DataParallel or
+    DistributedDataParallel wrapper is looked through (its forward still runs the hooks)."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
     if hasattr(model, "feature_taps"):
         return model.feature_taps(preact)
     describe = _torchvision_taps().get(type(model))
