@@ -67,8 +67,12 @@ MUTATIONS = [
     Mutation("fp64-through-fp32", "CUDA-core products: each product rounded to fp32",
              PRODUCTS, "            x[m] += a.v[k] * tj.v[k];",
              "            x[m] += static_cast<float>(a.v[k] * tj.v[k]);"),
-    Mutation("nonzero-padding", "tensor cores: operand copies padded with 1 instead of 0",
-             KERNELS, "has_row && k < d ? unit_row(k) : 0.f", "has_row && k < d ? unit_row(k) : 1.f"),
+    # Padding every row with the same value (1, say) adds one constant to every logit, which
+    # the loss and its gradients do not see: the planted padding differs from row to row,
+    # as stale memory would (here: the row's own features again).
+    Mutation("nonzero-padding", "tensor cores: operand copies padded with the row's own "
+             "features instead of zeros", KERNELS, "has_row && k < d ? unit_row(k) : 0.f",
+             "has_row ? unit_row(k % d) : 0.f"),
     Mutation("missing-pointer-check", "16-byte packs read without checking the rows' alignment",
              PRODUCTS, "d % Pack16<T>::kSize == 0 && reinterpret_cast<uintptr_t>(base) % 16 == 0",
              "d % Pack16<T>::kSize == 0"),
