@@ -1,6 +1,9 @@
 """The CUDA kernels' device code, executed on the CPU through tests/cuda_emulation/, against
-the float64 oracle: several block counts, ragged tails (N and D not multiples of the tile),
-both exponent paths, all input dtypes, and the host code that launches them."""
+the float64 oracle: several block counts up to N = 257, ragged tails (N and D not multiples
+of the tile), both exponent paths, all input dtypes, upstream gradients up to 2^24, blocks in
+shuffled concurrent orders, the products' choice by compiled arch, and the host code that
+launches them. `python tests/cuda_emulation/mutations.py` shows which of these tests catch
+which planted bug."""
 import math
 import os
 import tempfile
