@@ -5,7 +5,9 @@ import json
 from helpers import printed_table
 from train.cli import main
 from train.configs import CONFIGS, TABLES
+from train.engine import write_run_plan
 from train.published import published_tables
+from train.results import final_accuracy
 
 COMPARISON = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst")
 
@@ -57,6 +59,16 @@ def finished_run(folder, accuracies):
     folder.mkdir(parents=True)
     rows = "\n".join(f"{e},{a},0.05" for e, a in enumerate(accuracies))
     (folder / "log.csv").write_text(f"epoch,test_acc,lr\n{rows}\n")
+
+
+def test_an_interrupted_run_is_not_a_result(tmp_path):
+    folder = tmp_path / "cifar100__resnet32x4-resnet8x4__kd__seed0"
+    finished_run(folder, [50.0, 60.0])
+    write_run_plan(folder, "kd", 5)  # asked for 5 epochs, stopped after 2
+    assert final_accuracy(folder) is None
+    assert main(["results", "--runs", str(tmp_path)]) == 0
+    write_run_plan(folder, "kd", 2)
+    assert final_accuracy(folder) == 60.0
 
 
 def test_results_print_the_papers_layout_beside_its_values(tmp_path, capsys):

@@ -13,8 +13,9 @@ from train import engine
 from train.cli import main
 from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
 from train.distillers import build_criterion, build_distiller, kd_loss
-from train.distillers.feature_methods import DEFAULT_BETAS, TWO_STAGE_METHODS
+from train.distillers.feature_methods import DEFAULT_BETAS, TWO_STAGE_METHODS, example_features
 from train.models import build_model, feature_points
+from train.recipes import init_stage_lr
 from train.training import train_init_stage, train_model
 from zoo_fixture import methods, methods_input, reference_model
 
@@ -266,3 +267,30 @@ def test_a_two_stage_config_runs_from_one_command_and_reaches_the_table(tmp_path
     rows = printed_table(capsys.readouterr().out, "cifar100-same-family")
     cell = rows["fsp"][rows["method"].index("resnet56 -> resnet20")]
     assert cell.endswith(" +- 0.00 (1) / 69.95") and not cell.startswith("not run"), cell
+
+
+def test_fts_init_stage_lr_is_capped_for_cifar_resnet_and_wrn_students_only():
+    # The benchmark's helper/pretrain.py: 0.01 for FT with ResNet/WRN students on CIFAR.
+    assert init_stage_lr("ft", "resnet20", 0.05, "cifar100") == 0.01
+    assert init_stage_lr("ft", "wrn_16_2", 0.05, "cifar100") == 0.01
+    assert init_stage_lr("ft", "resnet8", 0.05, "digits") == 0.05
+    assert init_stage_lr("ft", "ShuffleV1", 0.01, "cifar100") == 0.01
+    assert init_stage_lr("ab", "resnet20", 0.05, "cifar100") == 0.05
+
+
+def test_criteria_are_sized_on_the_models_device_whatever_the_example_batch():
+    # A teacher already on the GPU meets example images from the data set (CPU); the meta
+    # device stands in for the GPU here.
+    teacher = build_model("resnet8", NUM_CLASSES, 1).to("meta")
+    features = example_features(teacher, torch.zeros(2, 1, 16, 16), preact=False)
+    assert [f.device.type for f in features] == ["meta"] * len(features)
+    assert features[-1].shape == (2, 64)
+
+
+def test_ddp_leaves_the_init_stages_frozen_teacher_buffers_out_of_its_broadcasts():
+    student, teacher = build_model("resnet8", NUM_CLASSES, 1), build_model("resnet8", NUM_CLASSES, 1)
+    distiller = build_distiller("fsp", student, teacher,
+                                example_images=torch.zeros(2, 1, 16, 16))
+    skipped = engine.buffers_not_broadcast(distiller.init_stage())
+    teacher_buffers = [f"distiller.teacher.{n}" for n, _ in teacher.named_buffers()]
+    assert teacher_buffers and sorted(skipped) == sorted(teacher_buffers)

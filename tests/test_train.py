@@ -135,6 +135,7 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
         a.pop("seconds"), b.pop("seconds")  # wall time, the one thing allowed to differ
         assert a == b
     assert (tmp_path / "split" / "best.pt").exists()
+    assert engine.read_run_plan(tmp_path / "split") == {"method": "icd", "epochs": 4}
     assert not list((tmp_path / "split").glob("*.tmp"))
     header = (tmp_path / "split" / "log.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,")

@@ -15,6 +15,7 @@ the number of processes, and rank 0 alone writes checkpoints, the CSV and Tensor
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import random
@@ -203,6 +204,15 @@ def _tensorboard(out_dir: Optional[Path], purge_step: int):
     return SummaryWriter(str(out_dir / "tensorboard"), purge_step=purge_step)
 
 
+def buffers_not_broadcast(distiller) -> List[str]:
+    """The frozen teacher's buffers and the method's replicated ones (CRD's memory banks:
+    tens of MB) stay equal on every rank without a broadcast at each step."""
+    teacher = getattr(distiller, "teacher", None)
+    frozen = {id(b) for b in teacher.buffers()} if teacher is not None else set()
+    return [name for name, buffer in distiller.named_buffers()
+            if id(buffer) in frozen or name in getattr(distiller, "replicated_buffers", ())]
+
+
 def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
         config: TrainConfig, resume: bool = False) -> History:
     """Trains distiller.student (and the method's own modules) for config.epochs epochs.
@@ -215,11 +225,7 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     main = rank == 0
     model = distiller
     if world > 1:
-        # The frozen teacher's buffers and the method's replicated ones (CRD's memory banks:
-        # tens of MB) stay equal on every rank without a broadcast at each step.
-        skip = [name for name, _ in distiller.named_buffers()
-                if name.startswith("teacher.")
-                or name in getattr(distiller, "replicated_buffers", ())]
+        skip = buffers_not_broadcast(distiller)
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             distiller, skip)
         buffers = dict(distiller.named_buffers())
@@ -233,6 +239,7 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     if config.out_dir is not None:
         if main:
             config.out_dir.mkdir(parents=True, exist_ok=True)
+            write_run_plan(config.out_dir, getattr(distiller, "method", None), config.epochs)
         last = config.out_dir / "last.pt"
     if resume and last is not None and last.exists():
         state = read_checkpoint(last, config.trust_checkpoint, map_location=device)
@@ -319,6 +326,25 @@ def _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng, ou
     if history.rows[-1]["test_acc"] >= history.best_accuracy:
         atomic_save({"student": distiller.student.state_dict(), "epoch": epoch,
                      "test_acc": history.rows[-1]["test_acc"]}, out_dir / "best.pt")
+
+
+RUN_PLAN = "run.json"
+
+
+def write_run_plan(out_dir: Path, method: Optional[str], epochs: int) -> None:
+    """What the run was asked to do, so that readers of its folder (results, sweeps, figures)
+    can tell a finished run from an interrupted one without opening a checkpoint."""
+    tmp = out_dir / (RUN_PLAN + ".tmp")
+    tmp.write_text(json.dumps({"method": method, "epochs": epochs}))
+    os.replace(tmp, out_dir / RUN_PLAN)
+
+
+def read_run_plan(folder: Path) -> Optional[dict]:
+    try:
+        plan = json.loads((Path(folder) / RUN_PLAN).read_text())
+    except (OSError, ValueError):
+        return None
+    return plan if isinstance(plan, dict) else None
 
 
 def _write_csv(path: Path, rows: List[Dict[str, float]]) -> None:

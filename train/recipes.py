@@ -31,8 +31,13 @@ INIT_STAGE_EPOCHS = 30
 SMALL_INIT_LR = {"ft": ("resnet", "wrn_")}
 
 
-def init_stage_lr(method: str, student_name: str, lr: float) -> float:
-    if student_name.startswith(SMALL_INIT_LR.get(method, ())) and lr > 0.01:
+def recipe_family(dataset: str) -> str:
+    return {"cifar100": "cifar", "cifar10": "cifar", "digits": "digits"}.get(dataset, "imagenet")
+
+
+def init_stage_lr(method: str, student_name: str, lr: float, dataset: str) -> float:
+    if (recipe_family(dataset) == "cifar" and lr > 0.01
+            and student_name.startswith(SMALL_INIT_LR.get(method, ()))):
         return 0.01
     return lr
 
@@ -40,8 +45,7 @@ def init_stage_lr(method: str, student_name: str, lr: float) -> float:
 def recipe(args, model_name: str) -> Recipe:
     """The recipe of args.dataset for model_name, with every option the user gave (not None)
     in place of its default: an explicit 0 (e.g. --weight-decay 0) is honoured."""
-    family = {"cifar100": "cifar", "cifar10": "cifar", "digits": "digits"}.get(args.dataset,
-                                                                               "imagenet")
+    family = recipe_family(args.dataset)
     default = RECIPES[family]
     if family == "cifar" and any(k in model_name.lower() for k in SMALL_LR_MODELS):
         default = default._replace(lr=0.01)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 from .configs import CONFIGS, TABLE_METHODS, TABLES
+from .engine import read_run_plan
 from .published import NOT_APPLICABLE, published_value
 from .runs import run_folder_name, teacher_run_folder
 
@@ -55,13 +56,20 @@ class ResultTable:
 
 
 def final_accuracy(folder: Path) -> Optional[float]:
-    """Test top-1 of a run folder's last finished epoch (None before the first)."""
+    """Test top-1 of a run folder's last epoch, or None while the run has not finished all
+    the epochs its run.json asks for (interrupted runs are not results). Folders without a
+    run.json (written by hand or by older versions) count from their last logged epoch."""
     log = folder / "log.csv"
     if not log.exists():
         return None
     with open(log) as f:
         rows = list(csv.DictReader(f))
-    return float(rows[-1]["test_acc"]) if rows else None
+    if not rows:
+        return None
+    plan = read_run_plan(folder)
+    if plan is not None and int(float(rows[-1]["epoch"])) + 1 < int(plan.get("epochs", 0)):
+        return None
+    return float(rows[-1]["test_acc"])
 
 
 def pair_label(teacher: str, student: str) -> str:

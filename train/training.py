@@ -124,7 +124,7 @@ def run_training(args, method: str, student_name: str, data, out: Path, teacher=
         resume=args.resume if resume is None else resume, device=device, sync_bn=args.sync_bn,
         method_options=method_options,
         init_epochs=getattr(args, "init_epochs", INIT_STAGE_EPOCHS),
-        init_lr=init_stage_lr(method, student_name, plan.lr))
+        init_lr=init_stage_lr(method, student_name, plan.lr, args.dataset))
     last = history.rows[-1]
     distributed.say(f"{method} {student_name}: epoch {last['epoch']}, test top-1 "
                     f"{last['test_acc']:.2f}% (best {history.best_accuracy:.2f}%); "

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import classifier_layer
+from ..models import classifier_layer, feature_points
 from . import Distiller, kd_loss, register
 from .criteria import build_criterion
 
@@ -32,19 +32,15 @@ DEFAULT_BETAS = {"fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "cc": 0.02, "vid":
 TWO_STAGE_METHODS = ("ab", "ft", "fsp")
 
 
-def feature_points(model, images, preact=False):
-    # Imported here: the zoo's feature points live with the models.
-    from ..models import feature_points as points
-    return points(model, images, preact=preact)
-
-
 def example_features(model: nn.Module, example_images: torch.Tensor, preact: bool):
     """One eval-mode pass that sizes a criterion (the benchmark sizes its modules the same
-    way); the model's mode is restored."""
+    way); the model's mode is restored. The images go to the model's device (a teacher may
+    already sit on the GPU while the example batch comes from the data set)."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        features, _ = feature_points(model, example_images, preact=preact)
+        features, _ = feature_points(model, example_images.to(device), preact=preact)
     model.train(was_training)
     return features
 
@@ -123,6 +119,14 @@ class InitStage(nn.Module):
     @property
     def method(self):
         return f"{self.distiller.method}-init"
+
+    @property
+    def teacher(self):  # frozen: the engine leaves its buffers out of DDP's broadcasts
+        return self.distiller.teacher
+
+    @property
+    def replicated_buffers(self):
+        return tuple(f"distiller.{name}" for name in self.distiller.replicated_buffers)
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         return list(self._trainable)

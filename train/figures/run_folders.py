@@ -1,5 +1,5 @@
 """What a run folder holds, for the figures' labels: the method (from the config its name
-encodes, or from its last checkpoint), the loss weights a sweep gave it, its seed, and the
+encodes, or from the run.json the engine writes), the loss weights a sweep gave it, its seed, and the
 trained model's architecture."""
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
 from ..configs import CONFIGS
+from ..engine import read_run_plan
 from ..runs import parse_run_folder_name
 
 TEACHER_FOLDER_PREFIX = "teacher-"  # runs.teacher_run_folder: <runs>/<dataset>/teacher-<model>
@@ -31,15 +30,10 @@ class RunDescription:
         return f"{self.method} ({weights})" if weights else self.method
 
 
-def _method_from_checkpoint(folder: Path) -> Optional[str]:
-    last = folder / "last.pt"
-    if not last.is_file():
-        return None
-    try:  # the engine records the method in every last.pt; a foreign file just has no label
-        state = torch.load(last, map_location="cpu", weights_only=True)
-    except Exception:
-        return None
-    method = state.get("method") if isinstance(state, dict) else None
+def _recorded_method(folder: Path) -> Optional[str]:
+    """The method the engine recorded in the folder's run.json (None for foreign folders)."""
+    plan = read_run_plan(folder)
+    method = plan.get("method") if plan is not None else None
     return method if isinstance(method, str) else None
 
 
@@ -53,7 +47,7 @@ def describe_run(folder) -> RunDescription:
     if folder.name.startswith(TEACHER_FOLDER_PREFIX):
         model = folder.name[len(TEACHER_FOLDER_PREFIX):]
         return RunDescription(folder, f"teacher {model}", model=model)
-    return RunDescription(folder, _method_from_checkpoint(folder) or folder.name)
+    return RunDescription(folder, _recorded_method(folder) or folder.name)
 
 
 def run_labels(descriptions: List[RunDescription]) -> List[str]:
