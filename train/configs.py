@@ -11,7 +11,8 @@ Methods per table:
   teacher and student differ; train/published_results.json) has no config.
 - ImageNet: the methods of the CRD paper's ImageNet table that the application has
   (vanilla, KD, AT, SP, CRD, CRD+KD; its Online-KD is not implemented), with ICD and
-  ICD+KD. The seed papers' Table 3 could not be read here; this is the CRD benchmark's set.
+  ICD+KD. The rows are the paper's Table 3; which methods that table compares was not
+  available here, so the set is the CRD benchmark's.
 - Transfer: the CRD paper's transfer table (vanilla, KD, AT, FitNet, CRD, CRD+KD) with
   ICD and ICD+KD.
 """
