@@ -49,15 +49,6 @@ def test_logits_of_the_reference_weights(name):
     assert error <= 1e-10, f"{name}: max relative logit error {error:.2e}"
 
 
-def test_published_checkpoint_without_num_batches_tracked_keys_is_rejected_only_by_strict():
-    # A file from before num_batches_tracked existed has the other keys exactly.
-    record = cifar_zoo()["resnet8"]["state_dict"]
-    keys = {k for k, _ in record if not k.endswith("num_batches_tracked")}
-    model = build_model("resnet8", 100)
-    missing = set(model.state_dict()) - keys
-    assert missing and all(k.endswith("num_batches_tracked") for k in missing)
-
-
 @pytest.mark.parametrize("name", ZOO + ["mobilenet_v1"])
 def test_other_input_sizes_and_one_channel_run(name):
     # The digits demo: 1 channel, 16x16 (the reference networks pool 32x32 with fixed windows).

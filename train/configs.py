@@ -28,8 +28,6 @@ CIFAR_METHODS = ("vanilla", "kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt
                  "fsp", "nst", "crd", "crd_kd", "icd", "icd_kd")
 IMAGENET_METHODS = ("vanilla", "kd", "at", "sp", "crd", "crd_kd", "icd", "icd_kd")
 TRANSFER_METHODS = ("vanilla", "kd", "at", "fitnet", "crd", "crd_kd", "icd", "icd_kd")
-# Every method of any table, in the order of Tables 1-2's rows.
-METHODS = CIFAR_METHODS
 
 TABLES: Dict[str, Tuple[str, Tuple[Tuple[str, str], ...]]] = {
     # table: (training data set, (teacher, student) rows)

@@ -15,9 +15,10 @@ from .training import loss_weight_options, run_training
 
 
 def run_folder_name(config_name: str, seed, method_options=None) -> str:
-    """The run folder of a config and seed (seed "*" gives the glob of all its seeds); loss
-    weights other than the method's defaults (a sweep's values) are part of the name, so
-    such runs never mix with the config's own."""
+    """The run folder of a config and seed (seed "*" gives the glob of all its seeds). Every
+    loss weight given on the command line (a sweep's values, --beta, ...) is part of the
+    name, even one equal to the method's default, so such runs never mix with the config's
+    own."""
     weights = "".join(f"__{key}={value:g}" for key, value in sorted((method_options or {}).items()))
     return f"{config_name.replace('/', '__')}{weights}__seed{seed}"
 
