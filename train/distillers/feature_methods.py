@@ -81,6 +81,15 @@ class FeatureMethod(Distiller):
         """The method's own modules trained with the student in the main stage."""
         return self.criterion if self.main_stage_loss else nn.ModuleList()
 
+    def criterion_loss(self, images):
+        """The criterion on one batch's points, before its weight (AB's and FSP's
+        initialisation stage trains on it)."""
+        preact = self.criterion.preact
+        with torch.no_grad():
+            t_features, _ = feature_points(self.teacher, images, preact=preact)
+        s_features, _ = feature_points(self.student, images, preact=preact)
+        return self.criterion(s_features, t_features)
+
     def forward(self, images, labels, indices=None):
         t_logits = None
         if self.main_stage_loss:
@@ -170,15 +179,9 @@ class AB(FeatureMethod):
                  temperature=4.0):
         super().__init__(student, teacher, example_images, gamma, lam, None, temperature)
 
-    def _init_loss(self, images):
-        with torch.no_grad():
-            t_features, _ = feature_points(self.teacher, images, preact=True)
-        s_features, _ = feature_points(self.student, images, preact=True)
-        return self.criterion(s_features, t_features)
-
     def init_stage(self):
         return InitStage(self, list(self.criterion.parameters()) +
-                         feature_parameters(self.student), self._init_loss)
+                         feature_parameters(self.student), self.criterion_loss)
 
 
 @register("fsp")
@@ -192,14 +195,8 @@ class FSP(FeatureMethod):
                  temperature=4.0):
         super().__init__(student, teacher, example_images, gamma, lam, None, temperature)
 
-    def _init_loss(self, images):
-        with torch.no_grad():
-            t_features, _ = feature_points(self.teacher, images)
-        s_features, _ = feature_points(self.student, images)
-        return self.criterion(s_features, t_features)
-
     def init_stage(self):
-        return InitStage(self, feature_parameters(self.student), self._init_loss)
+        return InitStage(self, feature_parameters(self.student), self.criterion_loss)
 
 
 @register("ft")
