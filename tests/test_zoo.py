@@ -251,6 +251,32 @@ def test_penultimate_feature_of_tv_mobilenet_v2_is_taken_before_dropout():
     tap.remove()
 
 
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_penultimate_feature_of_other_torchvision_classifiers_is_taken_before_dropout(name):
+    # Dropout sits inside their classifiers (MobileNetV3: Linear, Hardswish, Dropout, Linear;
+    # EfficientNet: Dropout, Linear); stochastic depth off so that only dropout is random.
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10)
+    model = _train_mode_without_batch_statistics(model)
+    for m in model.modules():
+        if isinstance(m, torchvision.ops.StochasticDepth):
+            m.p = 0.0
+    images = torch.randn(2, 3, 32, 32)
+    tap = FeatureTap(model)
+    model(images)
+    first = tap.features
+    model(images)
+    # Equal up to the convolutions' run-to-run rounding (the features are small at
+    # initialisation, hence the relative scale); dropout would zero a fifth of the entries
+    # (these classifiers' dropout is in place, so the tap must keep its own copy).
+    assert (first != 0).all() and (tap.features != 0).all()
+    scale = first.abs().max()
+    torch.testing.assert_close(first / scale, tap.features / scale)
+    tap.remove()
+
+
 def test_penultimate_feature_skips_the_dropout_run_before_any_final_linear():
     torch.manual_seed(0)
     head = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Dropout(0.5), nn.Dropout(0.5),

@@ -107,7 +107,11 @@ def penultimate_tap(model: nn.Module) -> InputOf:
             first = next(i for i, m in enumerate(children) if m is linear)
             while first > 0 and isinstance(children[first - 1], nn.Dropout):
                 first -= 1
-            return InputOf(children[first])
+            # An in-place dropout (EfficientNet's, MobileNetV3's) would overwrite the
+            # recorded feature after the hook: keep a copy.
+            overwritten = any(getattr(m, "inplace", False) for m in children[first:]
+                              if isinstance(m, nn.Dropout))
+            return InputOf(children[first], clone=overwritten)
     return InputOf(linear)
 
 
