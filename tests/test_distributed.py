@@ -62,7 +62,7 @@ def test_two_gloo_processes_match_one_process_on_the_global_batch(tmp_path):
     assert one["log_scale"] != 1.0  # theta trained in both
     # Rank 0 alone wrote the run folder; nothing half-written is left.
     names = sorted(p.name for p in (double / "run").iterdir())
-    assert names == ["best.pt", "last.pt", "log.csv"]
+    assert names == ["best.pt", "last.pt", "log.csv", "run.json"]
     assert len((double / "run" / "log.csv").read_text().splitlines()) == 1 + 4
     state = torch.load(double / "run" / "last.pt", weights_only=False)
     assert len(state["rng"]) == 2  # each rank's RNG state, for an exact resume
