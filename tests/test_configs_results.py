@@ -32,20 +32,23 @@ def test_every_cell_of_tables_1_and_2_is_one_config(capsys):
     assert transfer == {"vanilla", "kd", "at", "fitnet", "crd", "crd_kd", "icd", "icd_kd"}
 
 
-def test_published_values_are_the_crd_papers_tables():
+def test_published_values_are_the_papers_tables():
     tables = published_tables()
     expected_pairs = {table: {f"{t}-{s}" for t, s in TABLES[table][1]}
-                      for table in ("cifar100-same-family", "cifar100-other-family")}
+                      for table in ("cifar100-same-family", "cifar100-other-family", "transfer")}
     assert {k: set(v) for k, v in tables.items()} == expected_pairs
-    columns = {"teacher", "vanilla", "kd", "crd", "crd_kd", *COMPARISON}
-    for table, pairs in tables.items():
-        for pair, values in pairs.items():
+    columns = {"teacher", "vanilla", "kd", "crd", "crd_kd", "icd", "icd_kd", *COMPARISON}
+    for table in ("cifar100-same-family", "cifar100-other-family"):
+        for pair, values in tables[table].items():
             assert set(values) == columns, (table, pair)
-            # The paper's claim: CRD beats every other method and the student alone.
-            others = [v for k, v in values.items() if k not in ("teacher", "crd", "crd_kd")
+            # The CRD paper's claim: CRD beats the other methods it compares and the
+            # student alone; the ICD paper's: ICD+KD beats ICD alone and the student alone.
+            others = [v for k, v in values.items()
+                      if k not in ("teacher", "crd", "crd_kd", "icd", "icd_kd")
                       and isinstance(v, float)]
             assert values["crd"] > max(others), (table, pair)
-    # Spot checks against the CRD paper's Tables 1 and 2.
+            assert values["icd_kd"] > max(values["icd"], values["vanilla"]), (table, pair)
+    # Spot checks against the CRD paper's Tables 1 and 2 and the ICD authors' README tables.
     same, other = tables["cifar100-same-family"], tables["cifar100-other-family"]
     assert same["resnet32x4-resnet8x4"]["crd"] == 75.51
     assert same["wrn_40_2-wrn_16_2"]["teacher"] == 75.61
@@ -53,6 +56,11 @@ def test_published_values_are_the_crd_papers_tables():
     assert other["vgg13-MobileNetV2"]["at"] == 59.40
     assert other["wrn_40_2-ShuffleV1"]["nst"] == 74.89
     assert all(v["fsp"] == "n/a" for v in other.values())
+    assert same["resnet32x4-resnet8x4"]["crd_kd"] == 75.46
+    assert same["wrn_40_2-wrn_16_2"]["icd_kd"] == 76.06
+    assert other["resnet32x4-ShuffleV2"]["icd"] == 75.26
+    probes = tables["transfer"]["wrn_40_2-wrn_16_2"]
+    assert (probes["icd_kd stl10"], probes["icd_kd tiny-imagenet"]) == (72.5, 36.2)
 
 
 def finished_run(folder, accuracies):
@@ -96,7 +104,7 @@ def test_results_print_the_papers_layout_beside_its_values(tmp_path, capsys):
     # Seeds 73 and 74: mean 73.5, sample std 0.71; the paper's FitNet 73.50.
     assert same["fitnet"][column] == "73.50 +- 0.71 (2) / 73.50"
     assert same["ab"][column] == "not run / 73.17"
-    assert same["crd_kd"][column] == "not run / n/r"
+    assert same["crd_kd"][column] == "not run / 75.46"
     assert same["fsp"][header.index("wrn_40_2 -> wrn_40_1")] == "n/a"
 
     other = printed_table(out, "cifar100-other-family")
@@ -106,8 +114,9 @@ def test_results_print_the_papers_layout_beside_its_values(tmp_path, capsys):
     assert set(other["fsp"][1:]) == {"n/a"}
 
     probes = printed_table(out, "transfer")
-    assert probes["at stl10"][1] == "70.50 +- 0.00 (1) / n/r"
-    assert probes["at tiny-imagenet"][1] == "not run / n/r"
+    assert probes["at stl10"][1] == "70.50 +- 0.00 (1) / 70.70"
+    assert probes["at tiny-imagenet"][1] == "not run / 34.20"
+    assert probes["at"][1] == "74.00 +- 0.00 (1) / n/r"  # no CIFAR-100 value in that table
 
 
 def test_results_without_runs_say_so_and_still_list_every_cell(tmp_path, capsys):

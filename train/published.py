@@ -1,5 +1,6 @@
 """The paper's published values (train/published_results.json): the CRD paper's CIFAR-100
-Tables 1-2, the comparison the ICD paper's tables repeat. A value is a float, None (not
+Tables 1-2, the comparison the ICD paper's tables repeat, with the ICD authors' own CRD+KD,
+ICD and ICD+KD values and their transfer table (sources named in the file). A value is a float, None (not
 recorded: printed "n/r") or "n/a" (the method does not apply to the pair: no config)."""
 from __future__ import annotations
 
