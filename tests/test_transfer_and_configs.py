@@ -108,10 +108,10 @@ def test_results_average_the_seeds_of_each_config(tmp_path, capsys):
     assert main(["results", "--runs", str(tmp_path)]) == 0
     rows = printed_table(capsys.readouterr().out, "cifar100-same-family")
     column = rows["method"].index("resnet56 -> resnet20")
-    # Final epochs 70 and 72: mean 71, sample std sqrt(2) = 1.41; the paper has no ICD value.
-    assert rows["icd_kd"][column] == "71.00 +- 1.41 (2) / n/r"
+    # Final epochs 70 and 72: mean 71, sample std sqrt(2) = 1.41; the ICD authors' ICD+KD.
+    assert rows["icd_kd"][column] == "71.00 +- 1.41 (2) / 71.81"
     assert rows["kd"][column] == "69.50 +- 0.00 (1) / 70.66"  # the CRD paper's KD
-    assert rows["icd"][column] == "not run / n/r"
+    assert rows["icd"][column] == "not run / 71.18"
 
 
 @pytest.mark.parametrize("pair", sorted({(c.teacher, c.student, c.dataset)
