@@ -83,12 +83,15 @@ def train_model(method, student, teacher, train_set, test_set, config: engine.Tr
             raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm has no CPU "
                              "implementation)")
         student = torch.nn.SyncBatchNorm.convert_sync_batchnorm(student)
-    # Read only for the methods that draw by class: a data set without labels trains others.
-    labels = (dataset_labels(train_set)
-              if getattr(DISTILLERS.get(method), "needs_labels", False) else None)
-    distiller = build_distiller(method, student, teacher, num_samples=len(train_set),
-                                labels=labels, example_images=example_batch(train_set),
-                                **(method_options or {})).to(device)
+    # Read only for the methods that declare they need them: a data set without labels
+    # trains the others, and no sample is decoded for methods that size nothing from it.
+    def needs(fact):
+        return getattr(DISTILLERS.get(method), f"needs_{fact}", False)
+    distiller = build_distiller(
+        method, student, teacher, num_samples=len(train_set),
+        labels=dataset_labels(train_set) if needs("labels") else None,
+        example_images=example_batch(train_set) if needs("example_images") else None,
+        **(method_options or {})).to(device)
     train_init_stage(distiller, train_set, test_set, config, lr if init_lr is None else init_lr,
                      weight_decay, init_epochs, resume)
     params = distiller.trainable_parameters()
