@@ -51,10 +51,10 @@ from .figures.correlation import correlation_command
 from .figures.curves import plot_command
 from .figures.output import FORMATS
 from .figures.sweep import SWEEP_PARAMETERS, sweep_command
-from .figures.tables import write_results
+from .figures.tables import write_table_files
 from .probe import probe_checkpoint
 from .recipes import INIT_STAGE_EPOCHS
-from .results import results_tables
+from .results import collect_tables, results_tables
 from .runs import run_config
 from .teachers import PUBLISHED_LAYOUT, load_teacher
 from .training import loss_weight_options, run_training
@@ -99,9 +99,10 @@ def list_configs(args) -> int:
 
 
 def results_command(args) -> int:
-    print(results_tables(Path(args.runs)))
+    tables = collect_tables(Path(args.runs))  # every run folder's log, read once
+    print(results_tables(Path(args.runs), tables))
     if args.out:
-        for path in write_results(args.runs, args.out, args.format):
+        for path in write_table_files(tables, args.out, args.format):
             print(f"wrote {path}")
     return 0
 

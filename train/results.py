@@ -159,7 +159,8 @@ def format_tables(tables: List[ResultTable]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def results_tables(runs: Path) -> str:
-    tables = collect_tables(runs)
+def results_tables(runs: Path, tables: Optional[List[ResultTable]] = None) -> str:
+    """The printout of `tables` (default: collect_tables(runs))."""
+    tables = collect_tables(runs) if tables is None else tables
     note = "" if any(t.cells for t in tables) else f"no finished runs under {runs}\n\n"
     return note + format_tables(tables)

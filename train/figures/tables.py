@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import List, Optional
 
-from ..results import ResultTable, collect_tables, format_tables
+from ..results import ResultTable, format_tables
 from .output import file_stem, pyplot, save_figure
 
 MAX_WIDTH_INCHES = 30
@@ -113,8 +113,3 @@ def write_table_files(tables: List[ResultTable], folder, fmt: str = "png") -> Li
         if any(c["mean"] is not None or c["published"] is not None for c in drawn):
             paths.append(plot_table(table, folder, fmt))
     return paths
-
-
-def write_results(runs, folder, fmt: str = "png") -> List[Path]:
-    """The tables of the finished runs under `runs`, written by write_table_files."""
-    return write_table_files(collect_tables(Path(runs)), folder, fmt)
