@@ -85,6 +85,28 @@ inline void check_icd_saved(const at::Tensor& unit, const at::Tensor& norms,
   TORCH_CHECK_VALUE(max_scale > 0.0, "max_scale must be > 0, got ", max_scale);
 }
 
+// Checks the row range [row_begin, row_begin + row_count) of an n-row problem.
+inline void check_row_range(int64_t row_begin, int64_t row_count, int64_t n) {
+  TORCH_CHECK_VALUE(row_count > 0, "row_count must be > 0, got ", row_count);
+  TORCH_CHECK_VALUE(row_begin >= 0 && row_begin <= n - row_count,
+                    "the rows [row_begin, row_begin + row_count) = [", row_begin, ", ",
+                    row_begin + row_count, ") must lie within the N = ", n, " rows");
+}
+
+// Checks the per-row upstream weights of the row-range backward: length-N vectors of the
+// statistics' dtype, on the features' device.
+inline void check_row_weights(const at::Tensor& unit, const at::Tensor& weight_ce,
+                              const at::Tensor& weight_kl) {
+  const int64_t n = unit.size(1);
+  for (const at::Tensor* w : {&weight_ce, &weight_kl}) {
+    TORCH_CHECK_VALUE(w->dim() == 1 && w->size(0) == n && w->scalar_type() == unit.scalar_type(),
+                      "the per-row weights must be ", unit.scalar_type(),
+                      " vectors of length N = ", n, ", got ", w->scalar_type(), " of shape ",
+                      w->sizes());
+    CHECK_SAME_DEVICE(unit, *w);
+  }
+}
+
 // The dtype of the statistics and of the loss: fp64 for fp64 inputs, fp32 for all others.
 inline at::ScalarType accumulate_type(at::ScalarType input_type) {
   return input_type == at::kDouble ? at::kDouble : at::kFloat;

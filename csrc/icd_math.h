@@ -149,11 +149,26 @@ ICD_HOST_DEVICE RowStats<T> finalize_row(double row_sum, double row_shift, doubl
   return out;
 }
 
-// Gradient of  w_ce * CE + w_kl * KL  (times N) with respect to the logits L_ij and L_ji,
-// given both logits, the statistics of rows i and j, and the four probabilities
+// The terms of one row that its logit gradients read: the forward's statistics and the
+// upstream weights of the row's own loss terms. The loss differentiated is
+//   sum_i (w_ce_i CE_i + w_kl_i k_i),
+// which is w_ce CE + w_kl KL (times N) when every row has the same weights (one process), and
+// a sum of per-rank shares, each with its own upstream weights, for the sharded loss.
+template <typename T>
+struct RowTerms {
+  T r;     // row log-sum-exp r_i
+  T c;     // column log-sum-exp c_i
+  T k;     // the row's KL k_i
+  T w_ce;  // weight of CE_i
+  T w_kl;  // weight of k_i
+};
+
+// Gradient with respect to the logits L_ij and L_ji of one pair, given both logits, the
+// terms of rows i and j, and the four probabilities
 //   P_ij = e^(L_ij - r_i)   Q_ij = e^(L_ji - c_i)   Q_ji = e^(L_ij - c_j)   P_ji = e^(L_ji - r_j)
-// (one call serves both entries of the pair because they share Q_ij and Q_ji):
-//   G_ij = w_ce (P_ij - d_ij) + w_kl (P_ij - Q_ij + Q_ji (h_ji - k_j))
+// (one call serves both entries of the pair because they share Q_ij and Q_ji). L_ij reaches
+// the loss through CE_i and k_i (row i of L) and through k_j (column j of L), so
+//   G_ij = w_ce_i (P_ij - d_ij) + w_kl_i (P_ij - Q_ij) + w_kl_j Q_ji (h_ji - k_j)
 //   h_ji = log Q_ji - log P_ji = (L_ij - c_j) - (L_ji - r_j)
 // and G_ji is the same with i and j exchanged.
 template <typename T>
@@ -168,14 +183,16 @@ struct PairProbabilities {
 };
 
 template <typename T>
-ICD_HOST_DEVICE LogitGradPair<T> logit_grad_pair(T l_ij, T l_ji, T r_i, T c_i, T k_i, T r_j,
-                                                 T c_j, T k_j, PairProbabilities<T> pr,
-                                                 T is_diagonal, T w_ce, T w_kl) {
-  const T h_ji = (l_ij - c_j) - (l_ji - r_j);
-  const T h_ij = (l_ji - c_i) - (l_ij - r_i);
+ICD_HOST_DEVICE LogitGradPair<T> logit_grad_pair(T l_ij, T l_ji, const RowTerms<T>& row_i,
+                                                 const RowTerms<T>& row_j,
+                                                 PairProbabilities<T> pr, T is_diagonal) {
+  const T h_ji = (l_ij - row_j.c) - (l_ji - row_j.r);
+  const T h_ij = (l_ji - row_i.c) - (l_ij - row_i.r);
   LogitGradPair<T> g;
-  g.ij = w_ce * (pr.p_ij - is_diagonal) + w_kl * (pr.p_ij - pr.q_ij + pr.q_ji * (h_ji - k_j));
-  g.ji = w_ce * (pr.p_ji - is_diagonal) + w_kl * (pr.p_ji - pr.q_ji + pr.q_ij * (h_ij - k_i));
+  g.ij = row_i.w_ce * (pr.p_ij - is_diagonal) + row_i.w_kl * (pr.p_ij - pr.q_ij) +
+         row_j.w_kl * pr.q_ji * (h_ji - row_j.k);
+  g.ji = row_j.w_ce * (pr.p_ji - is_diagonal) + row_j.w_kl * (pr.p_ji - pr.q_ji) +
+         row_i.w_kl * pr.q_ij * (h_ij - row_i.k);
   return g;
 }
 

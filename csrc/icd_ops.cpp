@@ -42,6 +42,22 @@ TORCH_LIBRARY(icd_fast, m) {
       "Tensor norms, Tensor log_scale, Tensor row_lse, Tensor col_lse, Tensor row_kl, "
       "float alpha, float max_scale, ScalarType grad_dtype) -> "
       "(Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
+  // The sharded loss (one rank's share, icd_fast/distributed.py): the statistics of rows
+  // [row_begin, row_begin + row_count) of the problem formed by all ranks' features (N x D),
+  // each row against all N columns, with CE_i = r_i - L_ii of those rows, and the unit
+  // features and norms of all N rows for the backward.
+  m.def(
+      "icd_forward_rows(Tensor z_s, Tensor z_t, Tensor log_scale, int row_begin, "
+      "int row_count, float max_scale) -> (Tensor row_lse, Tensor col_lse, Tensor row_kl, "
+      "Tensor row_ce, Tensor unit, Tensor norms)");
+  // Gradients of  sum_i (weight_ce_i * CE_i + weight_kl_i * k_i)  over all N rows (statistics
+  // and weights of all N rows given) with respect to the z_s and z_t rows of the range, and
+  // the range's share of the gradient of log_scale.
+  m.def(
+      "icd_backward_rows(Tensor unit, Tensor norms, Tensor log_scale, Tensor row_lse, "
+      "Tensor col_lse, Tensor row_kl, Tensor weight_ce, Tensor weight_kl, int row_begin, "
+      "int row_count, float max_scale, ScalarType grad_dtype) -> "
+      "(Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
   m.def("build_info() -> str", &build_info_json);
 }
 

@@ -17,9 +17,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/ops/addmm_cpu_dispatch.h>
 #include <ATen/ops/mm_cpu_dispatch.h>
+#include <c10/util/ParallelGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <exception>
 #include <limits>
 #include <type_traits>
 #include <memory>
@@ -30,6 +32,8 @@
 #include "../icd_checks.h"
 #include "../icd_math.h"
 #include "cpu_isa.h"
+
+#include <omp.h>
 
 namespace icd_fast::cpu {
 namespace {
@@ -118,6 +122,40 @@ void form_tiles(const at::Tensor& s, const at::Tensor& t, int64_t i0, int64_t bi
   }
 }
 
+// Calls work(begin, end) on ranges that cover [begin, end) on the configured threads, like
+// at::parallel_for with a grain of 1, but always from inside an OpenMP parallel region when
+// more than one thread is configured, even for a single item. The BLAS calls of the tile
+// products then always see a parallel region and run single-threaded: a multi-threaded BLAS
+// splits a product differently for different thread counts (MKL does on Intel CPUs), which
+// would make the results depend on the thread count.
+template <typename Fn>
+void parallel_tiles(int64_t begin, int64_t end, const Fn& work) {
+  if (end <= begin) return;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), end - begin);
+  if (threads <= 1 || at::in_parallel_region()) {
+    work(begin, end);
+    return;
+  }
+  const int64_t team = at::get_num_threads();
+  std::exception_ptr failure;
+#pragma omp parallel num_threads(team)
+  {
+    const int64_t worker = omp_get_thread_num(), workers = omp_get_num_threads();
+    const int64_t chunk = (end - begin + workers - 1) / workers;
+    const int64_t lo = begin + worker * chunk, hi = std::min(end, lo + chunk);
+    const c10::ParallelGuard in_region(true);  // nested at::parallel_for run inline
+    if (lo < hi) {
+      try {
+        work(lo, hi);
+      } catch (...) {
+#pragma omp critical(icd_fast_parallel_tiles_failure)
+        if (!failure) failure = std::current_exception();
+      }
+    }
+  }
+  if (failure) std::rethrow_exception(failure);
+}
+
 // Calls fn(pair, cos_x, cos_y, scratch) for every tile pair, round after round, with both
 // cosine tiles of the pair already formed. The pairs of a round run in parallel; each busy
 // worker holds two cosine tiles and scratch_size elements of its own scratch, allocated for
@@ -127,8 +165,8 @@ void for_each_formed_pair(const TileSchedule& plan, const at::Tensor& s, const a
                           int64_t scratch_size, const Fn& fn) {
   const int64_t tile = plan.max_tile();
   for (int64_t round = 0; round < plan.num_rounds(); ++round) {
-    at::parallel_for(plan.round_begin[round], plan.round_begin[round + 1], 1,
-                     [&](int64_t begin, int64_t end) {
+    parallel_tiles(plan.round_begin[round], plan.round_begin[round + 1],
+                   [&](int64_t begin, int64_t end) {
       auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
       auto scratch = scratch_buffer<acc_t>(scratch_size);
       for (int64_t q = begin; q < end; ++q) {
@@ -139,6 +177,35 @@ void for_each_formed_pair(const TileSchedule& plan, const at::Tensor& s, const a
       }
     });
   }
+}
+
+// The row tiles of rows [row_begin, row_begin + row_count) of an n-row problem, each against
+// every column tile of the n columns: the work of one rank of the sharded loss. Each row
+// tile belongs to one worker, which runs over the column tiles in order, so every row's sums
+// are formed in the same order whatever the thread count.
+struct RowRange {
+  int64_t n, begin, count;
+  int64_t num_row_tiles() const { return (count + kTile - 1) / kTile; }
+  int64_t num_col_tiles() const { return (n + kTile - 1) / kTile; }
+  int64_t row_tile_begin(int64_t tile) const { return begin + tile * kTile; }
+  int64_t row_tile_size(int64_t tile) const { return std::min(kTile, count - tile * kTile); }
+  int64_t col_tile_size(int64_t tile) const { return std::min(kTile, n - tile * kTile); }
+  int64_t max_tile() const { return std::min(kTile, std::max(count, n)); }
+};
+
+// Calls fn(i0, bi, cos_x, cos_y, scratch) once per row tile [i0, i0 + bi), on the worker that
+// owns it, with two tile-sized buffers for the cosine tiles and scratch_size elements of
+// scratch; fn sweeps the column tiles itself.
+template <typename acc_t, typename Fn>
+void for_each_row_tile(const RowRange& range, int64_t scratch_size, const Fn& fn) {
+  const int64_t tile = kTile;
+  parallel_tiles(0, range.num_row_tiles(), [&](int64_t begin, int64_t end) {
+    auto cos_x = scratch_buffer<acc_t>(tile * tile), cos_y = scratch_buffer<acc_t>(tile * tile);
+    auto scratch = scratch_buffer<acc_t>(scratch_size);
+    for (int64_t q = begin; q < end; ++q)
+      fn(range.row_tile_begin(q), range.row_tile_size(q), cos_x.get(), cos_y.get(),
+         scratch.get());
+  });
 }
 
 // ---------------------------------------------------------------------------------------
@@ -155,9 +222,14 @@ struct PartialSums {
 
 // Adds one tile pair to the partial sums. kBothHalves is false on a diagonal tile, where
 // cos_y is the mirror of cos_x and the X half alone already covers every logit once.
-template <typename acc_t, bool kBothHalves, bool kOnlineMax>
+//
+// kColumns is false for a row owner (the sharded loss): it adds only the sums of its own rows
+// i (R_i from the X half, C_i and K_i from the Y half) and leaves the column side j to the
+// owner of row j.
+template <typename acc_t, bool kBothHalves, bool kOnlineMax, bool kColumns = true>
 ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi, int64_t bj,
                      acc_t kappa, int64_t i0, int64_t j0, PartialSums& p, acc_t* scratch) {
+  static_assert(kColumns || kBothHalves, "a row owner needs both halves of every tile");
   // Column partials of the tile (indexed by j): C_j and K_j from the X half, R_j from Y.
   acc_t* col_c = scratch;
   acc_t* col_k = scratch + bj;
@@ -178,10 +250,10 @@ ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, i
         const acc_t x = kappa * cos_x[i * bj + j];
         const acc_t y = kappa * cos_y[i * bj + j];
         max_x = x > max_x ? x : max_x;
-        shift_cj[j] = x > shift_cj[j] ? x : shift_cj[j];
+        if (kColumns) shift_cj[j] = x > shift_cj[j] ? x : shift_cj[j];
         if (kBothHalves) {
           max_y = y > max_y ? y : max_y;
-          shift_rj[j] = y > shift_rj[j] ? y : shift_rj[j];
+          if (kColumns) shift_rj[j] = y > shift_rj[j] ? y : shift_rj[j];
         }
       }
       p.row_sum[i0 + i] *= raise_shift<double>(max_x, p.row_shift[i0 + i]);
@@ -191,7 +263,7 @@ ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, i
         p.kl_sum[i0 + i] *= rescale;
       }
     }
-    for (int64_t j = 0; j < bj; ++j) {
+    for (int64_t j = 0; kColumns && j < bj; ++j) {
       const double rescale = raise_shift<double>(shift_cj[j], p.col_shift[j0 + j]);
       p.col_sum[j0 + j] *= rescale;
       p.kl_sum[j0 + j] *= rescale;
@@ -214,25 +286,27 @@ ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, i
     for (int64_t j = 0; j < bj; ++j) {
       const acc_t x = kappa * xr[j];
       const acc_t y = kappa * yr[j];
-      acc_t ex_row, ex_col;
+      acc_t ex_row, ex_col = acc_t(0);
       if constexpr (kOnlineMax) {
         ex_row = exp_acc<acc_t>(x - shift_ri);
-        ex_col = exp_acc<acc_t>(x - shift_cj[j]);
+        if constexpr (kColumns) ex_col = exp_acc<acc_t>(x - shift_cj[j]);
       } else {
         ex_row = ex_col = exp_acc<acc_t>(x - fixed_shift);
       }
       row_r += ex_row;
-      col_c[j] += ex_col;
-      col_k[j] += ex_col * (x - y);
+      if constexpr (kColumns) {
+        col_c[j] += ex_col;
+        col_k[j] += ex_col * (x - y);
+      }
       if constexpr (kBothHalves) {
-        acc_t ey_row, ey_col;
+        acc_t ey_row = acc_t(0), ey_col;
         if constexpr (kOnlineMax) {
-          ey_row = exp_acc<acc_t>(y - shift_rj[j]);
+          if constexpr (kColumns) ey_row = exp_acc<acc_t>(y - shift_rj[j]);
           ey_col = exp_acc<acc_t>(y - shift_ci);
         } else {
           ey_row = ey_col = exp_acc<acc_t>(y - fixed_shift);
         }
-        col_r[j] += ey_row;
+        if constexpr (kColumns) col_r[j] += ey_row;
         row_c += ey_col;
         row_k += ey_col * (y - x);
       }
@@ -241,7 +315,7 @@ ICD_ALWAYS_INLINE void accumulate_tile(const acc_t* cos_x, const acc_t* cos_y, i
     p.col_sum[i0 + i] += row_c;
     p.kl_sum[i0 + i] += row_k;
   }
-  for (int64_t j = 0; j < bj; ++j) {
+  for (int64_t j = 0; kColumns && j < bj; ++j) {
     p.col_sum[j0 + j] += col_c[j];
     p.kl_sum[j0 + j] += col_k[j];
     p.row_sum[j0 + j] += col_r[j];
@@ -285,57 +359,131 @@ void forward_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa, a
   });
 }
 
+// The statistics of rows [range.begin, range.begin + range.count) of the n-row problem, and
+// their CE_i = r_i - L_ii: each row tile against all n columns (row ownership, 2 B N D
+// multiply-adds for B rows).
+template <typename acc_t, bool kOnlineMax>
+void forward_row_statistics(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
+                            const RowRange& range, acc_t* row_lse, acc_t* col_lse,
+                            acc_t* row_kl, acc_t* row_ce) {
+  const double initial_shift =
+      kOnlineMax ? -std::numeric_limits<double>::infinity() : static_cast<double>(kappa);
+  for_each_row_tile<acc_t>(range, 5 * kTile, [&](int64_t i0, int64_t bi, acc_t* cos_x,
+                                                 acc_t* cos_y, acc_t* scratch) {
+    PartialSums sums(bi, initial_shift);
+    std::vector<acc_t> diag_cos(bi, acc_t(0));
+    for (int64_t col_tile = 0; col_tile < range.num_col_tiles(); ++col_tile) {
+      const int64_t j0 = col_tile * kTile, bj = range.col_tile_size(col_tile);
+      form_tiles(s, t, i0, bi, j0, bj, false, cos_x, cos_y);
+      for (int64_t i = 0; i < bi; ++i) {
+        const int64_t j = i0 + i - j0;
+        if (j >= 0 && j < bj) diag_cos[i] = cos_x[i * bj + j];
+      }
+      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+        accumulate_tile<acc_t, true, kOnlineMax, false>(cos_x, cos_y, bi, bj, kappa, 0, j0,
+                                                        sums, scratch);
+      });
+    }
+    for (int64_t i = 0; i < bi; ++i) {
+      const RowStats<acc_t> st = finalize_row<acc_t>(sums.row_sum[i], sums.row_shift[i],
+                                                      sums.col_sum[i], sums.col_shift[i],
+                                                      sums.kl_sum[i]);
+      const int64_t out = i0 - range.begin + i;
+      row_lse[out] = st.row_lse;
+      col_lse[out] = st.col_lse;
+      row_kl[out] = st.row_kl;
+      // L_ii rounded exactly as in the tiles.
+      row_ce[out] = static_cast<acc_t>(double(st.row_lse) - double(kappa * diag_cos[i]));
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // Backward
 
-// Per-row statistics the gradient tiles read: r, c, k and, for the fixed shift, the factors
-// e^(kappa - r) and e^(kappa - c) (see pair_probabilities_fixed_shift).
+// Per-row terms the gradient tiles read: r, c, k, the upstream weights of each row's CE and
+// KL terms and, for the fixed shift, the factors e^(kappa - r) and e^(kappa - c) (see
+// pair_probabilities_fixed_shift).
 template <typename acc_t>
 struct BackwardRows {
   const acc_t* r;
   const acc_t* c;
   const acc_t* k;
+  const acc_t* w_ce;
+  const acc_t* w_kl;
   const acc_t* row_factor;
   const acc_t* col_factor;
   BackwardRows offset(int64_t i0) const {
-    return {r + i0, c + i0, k + i0, row_factor + i0, col_factor + i0};
+    return {.r = r + i0, .c = c + i0, .k = k + i0, .w_ce = w_ce + i0, .w_kl = w_kl + i0,
+            .row_factor = row_factor ? row_factor + i0 : nullptr,
+            .col_factor = col_factor ? col_factor + i0 : nullptr};
+  }
+  RowTerms<acc_t> terms(int64_t i) const {
+    return {.r = r[i], .c = c[i], .k = k[i], .w_ce = w_ce[i], .w_kl = w_kl[i]};
   }
 };
 
-// Builds the gradient tiles of one tile pair: gx[i][j] = G_ij and gy[i][j] = G_ji, and
-// returns sum_ij G_ij <s_i, t_j> over the logits of the pair (for d kappa).
-template <typename acc_t, bool kBothHalves, bool kFixedShift>
+// The factors of the fixed shift for rows [0, n), or nothing for the online path.
+template <typename acc_t, bool kFixedShift>
+struct ShiftFactors {
+  std::unique_ptr<acc_t[]> row, col;
+  ShiftFactors(acc_t kappa, const acc_t* row_lse, const acc_t* col_lse, int64_t n) {
+    if constexpr (kFixedShift) {
+      row = scratch_buffer<acc_t>(n);
+      col = scratch_buffer<acc_t>(n);
+      for (int64_t i = 0; i < n; ++i) {
+        row[i] = std::exp(kappa - row_lse[i]);
+        col[i] = std::exp(kappa - col_lse[i]);
+      }
+    }
+  }
+};
+
+// Which gradients a tile pair yields, and which of them count towards d kappa.
+enum class GradientTileKind {
+  kPairDiagonal,     // tile {I, I} of the pair schedule: cos_y mirrors cos_x; G_II only
+  kPairOffDiagonal,  // tile {I, J}, I != J: G_IJ and G_JI, both counted
+  kRowOwner,         // the sharded loss: G_IJ and G_JI for the owned rows I, only G_IJ counted
+                     // (the owner of the rows J counts G_JI)
+};
+
+// Builds the gradient tiles of one tile pair: gx[i][j] = G_ij and gy[i][j] = G_ji (rows
+// i0 + i and j0 + j), and returns the sum of G <s, t> over the logits it counts (for
+// d kappa). diagonal_shift = i0 - j0 places the diagonal i0 + i == j0 + j.
+template <typename acc_t, GradientTileKind kKind, bool kFixedShift>
 ICD_ALWAYS_INLINE double gradient_tile(const acc_t* cos_x, const acc_t* cos_y, int64_t bi,
-                                       int64_t bj, acc_t kappa, BackwardRows<acc_t> rows_i,
-                                       BackwardRows<acc_t> rows_j, acc_t w_ce, acc_t w_kl,
+                                       int64_t bj, int64_t diagonal_shift, acc_t kappa,
+                                       BackwardRows<acc_t> rows_i, BackwardRows<acc_t> rows_j,
                                        acc_t* gx, acc_t* gy) {
+  constexpr bool kBothHalves = kKind != GradientTileKind::kPairDiagonal;
+  constexpr bool kCountGy = kKind == GradientTileKind::kPairOffDiagonal;
   double dkappa = 0;
   for (int64_t i = 0; i < bi; ++i) {
     const acc_t* xr = cos_x + i * bj;
     const acc_t* yr = cos_y + i * bj;
     acc_t* gxr = gx + i * bj;
     acc_t* gyr = gy + i * bj;
-    const acc_t ri = rows_i.r[i], ci = rows_i.c[i], ki = rows_i.k[i];
-    const acc_t fri = rows_i.row_factor[i], fci = rows_i.col_factor[i];
-    const acc_t *r_j = rows_j.r, *c_j = rows_j.c, *k_j = rows_j.k;
-    const acc_t *fr_j = rows_j.row_factor, *fc_j = rows_j.col_factor;
+    const RowTerms<acc_t> row_i = rows_i.terms(i);
+    const acc_t fri = kFixedShift ? rows_i.row_factor[i] : acc_t(0);
+    const acc_t fci = kFixedShift ? rows_i.col_factor[i] : acc_t(0);
+    const int64_t diagonal_j = i + diagonal_shift;
     acc_t dk = 0;
 #pragma omp simd reduction(+ : dk)
     for (int64_t j = 0; j < bj; ++j) {
-      const acc_t on_diagonal = (!kBothHalves && i == j) ? acc_t(1) : acc_t(0);
+      const acc_t on_diagonal = j == diagonal_j ? acc_t(1) : acc_t(0);
       const acc_t l_ij = kappa * xr[j], l_ji = kappa * yr[j];
+      const RowTerms<acc_t> row_j = rows_j.terms(j);
       const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
-          l_ij, l_ji, ri, ci, ki, r_j[j], c_j[j], k_j[j],
-          kFixedShift
-              ? pair_probabilities_fixed_shift(l_ij, l_ji, kappa, fri, fci, fr_j[j], fc_j[j])
-              : pair_probabilities(l_ij, l_ji, ri, ci, r_j[j], c_j[j]),
-          on_diagonal, w_ce, w_kl);
+          l_ij, l_ji, row_i, row_j,
+          kFixedShift ? pair_probabilities_fixed_shift(l_ij, l_ji, kappa, fri, fci,
+                                                       rows_j.row_factor[j],
+                                                       rows_j.col_factor[j])
+                      : pair_probabilities(l_ij, l_ji, row_i.r, row_i.c, row_j.r, row_j.c),
+          on_diagonal);
       gxr[j] = g.ij;
       dk += g.ij * xr[j];
-      if constexpr (kBothHalves) {
-        gyr[j] = g.ji;
-        dk += g.ji * yr[j];
-      }
+      if constexpr (kBothHalves) gyr[j] = g.ji;
+      if constexpr (kCountGy) dk += g.ji * yr[j];
     }
     dkappa += dk;
   }
@@ -353,33 +501,24 @@ void scatter_gradient_tile(acc_t* g, int64_t bi, int64_t bj, const at::Tensor& r
   at::cpu::addmm_(cols_dst, gt.t(), rows_src, 1, a);
 }
 
-// dS = kappa/N sum_j G_ij t_j and dT = kappa/N sum_i G_ij s_i into ds, dt (n x d, zeroed);
-// returns d loss / d kappa.
+at::Tensor rows_of(const at::Tensor& m, int64_t begin, int64_t size) {
+  return m.narrow(0, begin, size);
+}
+
+// dS = kappa sum_j G_ij t_j and dT = kappa sum_i G_ij s_i into ds, dt (n x d, zeroed), for
+// the loss sum_i (w_ce_i CE_i + w_kl_i k_i); returns its derivative by kappa.
 template <typename acc_t, bool kFixedShift>
 double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
-                         const acc_t* row_lse, const acc_t* col_lse, const acc_t* row_kl,
-                         acc_t w_ce, acc_t w_kl, acc_t* ds, acc_t* dt) {
+                         BackwardRows<acc_t> all_rows, acc_t* ds, acc_t* dt) {
   const int64_t n = s.size(0), d = s.size(1);
-  std::unique_ptr<acc_t[]> row_factor, col_factor;
-  if constexpr (kFixedShift) {
-    row_factor = scratch_buffer<acc_t>(n);
-    col_factor = scratch_buffer<acc_t>(n);
-    for (int64_t i = 0; i < n; ++i) {
-      row_factor[i] = std::exp(kappa - row_lse[i]);
-      col_factor[i] = std::exp(kappa - col_lse[i]);
-    }
-  }
-  const BackwardRows<acc_t> all_rows{row_lse, col_lse, row_kl, row_factor.get(),
-                                     col_factor.get()};
+  const ShiftFactors<acc_t, kFixedShift> factors(kappa, all_rows.r, all_rows.c, n);
+  all_rows.row_factor = factors.row.get();
+  all_rows.col_factor = factors.col.get();
   const TileSchedule plan(n);
   // One d kappa sum per slot of a round: a slot's pairs run one round after another, so each
   // sum is formed in a fixed order, and the slots are added in order at the end.
   std::vector<double> dkappa(plan.max_round_size(), 0.0);
-  const acc_t a = kappa / static_cast<acc_t>(n);
   const at::Tensor ds_all = matrix_view(ds, n, d), dt_all = matrix_view(dt, n, d);
-  const auto rows = [](const at::Tensor& m, int64_t begin, int64_t size) {
-    return m.narrow(0, begin, size);
-  };
   const int64_t tile = plan.max_tile();
 
   // The pairs of a round touch disjoint rows of ds and dt, so each adds its products in place.
@@ -388,29 +527,74 @@ double backward_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
       [&](const TilePair& p, acc_t* cos_x, acc_t* cos_y, acc_t* scratch) {
         acc_t* gx = scratch;
         acc_t* gy = scratch + tile * tile;
+        const BackwardRows<acc_t> rows_i = all_rows.offset(p.i0), rows_j = all_rows.offset(p.j0);
         run_with_best_isa([&]() ICD_INLINE_LAMBDA {
           if (p.diagonal)
-            dkappa[p.slot] += gradient_tile<acc_t, false, kFixedShift>(
-                cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
-                w_ce, w_kl, gx, gy);
+            dkappa[p.slot] +=
+                gradient_tile<acc_t, GradientTileKind::kPairDiagonal, kFixedShift>(
+                    cos_x, cos_y, p.bi, p.bj, p.i0 - p.j0, kappa, rows_i, rows_j, gx, gy);
           else
-            dkappa[p.slot] += gradient_tile<acc_t, true, kFixedShift>(
-                cos_x, cos_y, p.bi, p.bj, kappa, all_rows.offset(p.i0), all_rows.offset(p.j0),
-                w_ce, w_kl, gx, gy);
+            dkappa[p.slot] +=
+                gradient_tile<acc_t, GradientTileKind::kPairOffDiagonal, kFixedShift>(
+                    cos_x, cos_y, p.bi, p.bj, p.i0 - p.j0, kappa, rows_i, rows_j, gx, gy);
         });
         // G_IJ: rows of S_I, columns of T_J.
-        scatter_gradient_tile(gx, p.bi, p.bj, rows(s, p.i0, p.bi), rows(t, p.j0, p.bj), a,
-                              rows(ds_all, p.i0, p.bi), rows(dt_all, p.j0, p.bj));
+        scatter_gradient_tile(gx, p.bi, p.bj, rows_of(s, p.i0, p.bi), rows_of(t, p.j0, p.bj),
+                              kappa, rows_of(ds_all, p.i0, p.bi), rows_of(dt_all, p.j0, p.bj));
         // G_JI = gy^T (off the diagonal): dT_I += a gy S_J, dS_J += a gy^T T_I (the same
         // shape with t and s exchanged).
         if (!p.diagonal)
-          scatter_gradient_tile(gy, p.bi, p.bj, rows(t, p.i0, p.bi), rows(s, p.j0, p.bj), a,
-                                rows(dt_all, p.i0, p.bi), rows(ds_all, p.j0, p.bj));
+          scatter_gradient_tile(gy, p.bi, p.bj, rows_of(t, p.i0, p.bi), rows_of(s, p.j0, p.bj),
+                                kappa, rows_of(dt_all, p.i0, p.bi), rows_of(ds_all, p.j0, p.bj));
       });
 
   double total = 0;
   for (double v : dkappa) total += v;
-  return total / static_cast<double>(n);
+  return total;
+}
+
+// The same for the owned rows [range.begin, range.begin + range.count) only: their complete
+// gradients dS_I = kappa sum_j G_Ij t_j and dT_I = kappa sum_j G_jI s_j into ds, dt (count x d,
+// zeroed), from the terms of all n rows; returns the rows' share of the derivative by kappa,
+// sum_{i in I} sum_j G_ij <s_i, t_j>. 4 B N D multiply-adds for B rows, no atomics: each
+// worker owns a row tile and sweeps every column tile.
+template <typename acc_t, bool kFixedShift>
+double backward_row_features(const at::Tensor& s, const at::Tensor& t, acc_t kappa,
+                             const RowRange& range, BackwardRows<acc_t> all_rows, acc_t* ds,
+                             acc_t* dt) {
+  const int64_t d = s.size(1);
+  const ShiftFactors<acc_t, kFixedShift> factors(kappa, all_rows.r, all_rows.c, range.n);
+  all_rows.row_factor = factors.row.get();
+  all_rows.col_factor = factors.col.get();
+  std::vector<double> dkappa(range.num_row_tiles(), 0.0);
+  const at::Tensor ds_rows = matrix_view(ds, range.count, d),
+                   dt_rows = matrix_view(dt, range.count, d);
+  for_each_row_tile<acc_t>(range, 2 * kTile * kTile, [&](int64_t i0, int64_t bi, acc_t* cos_x,
+                                                         acc_t* cos_y, acc_t* scratch) {
+    acc_t* gx = scratch;
+    acc_t* gy = scratch + kTile * kTile;
+    const BackwardRows<acc_t> rows_i = all_rows.offset(i0);
+    at::Tensor ds_i = rows_of(ds_rows, i0 - range.begin, bi),
+               dt_i = rows_of(dt_rows, i0 - range.begin, bi);
+    double dk = 0;
+    for (int64_t col_tile = 0; col_tile < range.num_col_tiles(); ++col_tile) {
+      const int64_t j0 = col_tile * kTile, bj = range.col_tile_size(col_tile);
+      form_tiles(s, t, i0, bi, j0, bj, false, cos_x, cos_y);
+      const BackwardRows<acc_t> rows_j = all_rows.offset(j0);
+      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+        dk += gradient_tile<acc_t, GradientTileKind::kRowOwner, kFixedShift>(
+            cos_x, cos_y, bi, bj, i0 - j0, kappa, rows_i, rows_j, gx, gy);
+      });
+      // dS_I += kappa G_IJ T_J and dT_I += kappa G_JI^T S_J, where gy = G_JI^T.
+      const at::Tensor g_ij = matrix_view(gx, bi, bj), g_ji_t = matrix_view(gy, bi, bj);
+      at::cpu::addmm_(ds_i, g_ij, rows_of(t, j0, bj), 1, kappa);
+      at::cpu::addmm_(dt_i, g_ji_t, rows_of(s, j0, bj), 1, kappa);
+    }
+    dkappa[(i0 - range.begin) / kTile] = dk;
+  });
+  double total = 0;
+  for (double v : dkappa) total += v;
+  return total;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -561,6 +745,66 @@ double upstream_value(const std::optional<at::Tensor>& grad, const char* name) {
   return scalar_value(*grad);
 }
 
+// dS -> dz in place for the rows of `unit` (rows x d) with their norms: back through the
+// normalisation.
+template <typename acc_t>
+void normalize_backward_rows(const acc_t* unit, const acc_t* norm, int64_t rows, int64_t d,
+                             acc_t* grad) {
+  at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+    run_with_best_isa([&]() ICD_INLINE_LAMBDA {
+      for (int64_t i = begin; i < end; ++i)
+        normalize_backward_row(unit + i * d, norm[i], d, grad + i * d);
+    });
+  });
+}
+
+// The kernel of either backward op: the gradients of sum_i (w_ce_i CE_i + w_kl_i k_i) with
+// respect to z_s and z_t of rows [range.begin, range.begin + range.count), and to theta.
+// weight_ce and weight_kl are length-n vectors of the accumulate type; a range of all n rows
+// runs the pair schedule (every logit formed once per pass), any other range the row owner's
+// sweep.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(
+    const at::Tensor& unit, const at::Tensor& norms, const at::Tensor& log_scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_kl,
+    const at::Tensor& weight_ce, const at::Tensor& weight_kl, const RowRange& range,
+    double max_scale, at::ScalarType grad_dtype) {
+  const int64_t n = unit.size(1), d = unit.size(2);
+  const double log_scale_value = scalar_value(log_scale);
+  const double kappa = clamped_scale(log_scale_value, max_scale);
+  const at::Tensor units = unit.contiguous(), unit_norms = norms.contiguous();
+  const at::Tensor s = units.select(0, 0), t = units.select(0, 1);
+  at::Tensor ds = at::zeros({range.count, d}, units.options()),
+             dt = at::zeros({range.count, d}, units.options());
+  const at::Tensor r = row_lse.contiguous(), c = col_lse.contiguous(), k = row_kl.contiguous();
+  const at::Tensor w_ce = weight_ce.contiguous(), w_kl = weight_kl.contiguous();
+  const bool whole = range.begin == 0 && range.count == n;
+  double dkappa = 0;
+  AT_DISPATCH_FLOATING_TYPES(units.scalar_type(), "icd_backward_cpu", [&] {
+    const BackwardRows<scalar_t> all_rows{
+        .r = r.data_ptr<scalar_t>(), .c = c.data_ptr<scalar_t>(), .k = k.data_ptr<scalar_t>(),
+        .w_ce = w_ce.data_ptr<scalar_t>(), .w_kl = w_kl.data_ptr<scalar_t>(),
+        .row_factor = nullptr, .col_factor = nullptr};
+    scalar_t* dsp = ds.data_ptr<scalar_t>();
+    scalar_t* dtp = dt.data_ptr<scalar_t>();
+    const bool fixed = kappa <= kFixedShiftMaxScale;
+    if (whole)
+      dkappa = fixed ? backward_features<scalar_t, true>(s, t, scalar_t(kappa), all_rows, dsp, dtp)
+                     : backward_features<scalar_t, false>(s, t, scalar_t(kappa), all_rows, dsp, dtp);
+    else
+      dkappa = fixed ? backward_row_features<scalar_t, true>(s, t, scalar_t(kappa), range,
+                                                             all_rows, dsp, dtp)
+                     : backward_row_features<scalar_t, false>(s, t, scalar_t(kappa), range,
+                                                              all_rows, dsp, dtp);
+    const scalar_t* s_norm = unit_norms.data_ptr<scalar_t>() + range.begin;
+    const scalar_t* t_norm = unit_norms.data_ptr<scalar_t>() + n + range.begin;
+    normalize_backward_rows(s.data_ptr<scalar_t>() + range.begin * d, s_norm, range.count, d, dsp);
+    normalize_backward_rows(t.data_ptr<scalar_t>() + range.begin * d, t_norm, range.count, d, dtp);
+  });
+  const double dlog_scale = dkappa * scale_grad_factor(log_scale_value, max_scale);
+  return {ds.to(grad_dtype), dt.to(grad_dtype),
+          at::full_like(log_scale, dlog_scale, at::MemoryFormat::Contiguous)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_ce,
     const std::optional<at::Tensor>& grad_kl, const at::Tensor& unit, const at::Tensor& norms,
@@ -569,44 +813,63 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
   check_icd_saved(unit, norms, log_scale, row_lse, col_lse, row_kl, alpha, max_scale,
                   grad_dtype);
   CHECK_DEVICE_TYPE(unit, at::kCPU);
-  const int64_t n = unit.size(1), d = unit.size(2);
-  const at::ScalarType acc = unit.scalar_type();
+  const int64_t n = unit.size(1);
   const double g_loss = upstream_value(grad_loss, "grad_loss");
-  const double w_ce = g_loss + upstream_value(grad_ce, "grad_ce");
-  const double w_kl = alpha * g_loss + upstream_value(grad_kl, "grad_kl");
-  const double log_scale_value = scalar_value(log_scale);
-  const double kappa = clamped_scale(log_scale_value, max_scale);
+  // loss = (1/N) sum_i (CE_i + alpha k_i): every row carries the same weights.
+  const double w_ce = (g_loss + upstream_value(grad_ce, "grad_ce")) / double(n);
+  const double w_kl = (alpha * g_loss + upstream_value(grad_kl, "grad_kl")) / double(n);
+  const auto options = row_lse.options();
+  return backward_impl(unit, norms, log_scale, row_lse, col_lse, row_kl,
+                       at::full({n}, w_ce, options), at::full({n}, w_kl, options),
+                       RowRange{.n = n, .begin = 0, .count = n}, max_scale, grad_dtype);
+}
 
-  const at::Tensor units = unit.contiguous(), unit_norms = norms.contiguous();
-  const at::Tensor s = units.select(0, 0), t = units.select(0, 1);
-  at::Tensor ds = at::zeros({n, d}, units.options()), dt = at::zeros({n, d}, units.options());
-  const at::Tensor r = row_lse.contiguous(), c = col_lse.contiguous(), k = row_kl.contiguous();
-  double dkappa = 0;
-  AT_DISPATCH_FLOATING_TYPES(acc, "icd_backward_cpu", [&] {
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const scalar_t* tp = t.data_ptr<scalar_t>();
-    scalar_t* dsp = ds.data_ptr<scalar_t>();
-    scalar_t* dtp = dt.data_ptr<scalar_t>();
-    const auto features_grad = kappa <= kFixedShiftMaxScale ? backward_features<scalar_t, true>
-                                                            : backward_features<scalar_t, false>;
-    dkappa = features_grad(s, t, scalar_t(kappa), r.data_ptr<scalar_t>(),
-                           c.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), scalar_t(w_ce),
-                           scalar_t(w_kl), dsp, dtp);
-    // Through the normalisation, in place: dS -> dz.
-    const scalar_t* s_norm = unit_norms.data_ptr<scalar_t>();
-    const scalar_t* t_norm = s_norm + n;
-    at::parallel_for(0, n, 256, [&](int64_t begin, int64_t end) {
-      run_with_best_isa([&]() ICD_INLINE_LAMBDA {
-        for (int64_t i = begin; i < end; ++i) {
-          normalize_backward_row(sp + i * d, s_norm[i], d, dsp + i * d);
-          normalize_backward_row(tp + i * d, t_norm[i], d, dtp + i * d);
-        }
-      });
-    });
+// The forward of the sharded loss for one rank: the statistics of rows [row_begin,
+// row_begin + row_count) of the problem formed by all ranks' features z_s, z_t (N x D), each
+// row against all N columns, and CE_i = r_i - L_ii of those rows; plus the unit features and
+// norms of all N rows for the backward.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+icd_forward_rows_cpu(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
+                     int64_t row_begin, int64_t row_count, double max_scale) {
+  check_icd_inputs(z_s, z_t, log_scale, 0.0, max_scale);
+  CHECK_DEVICE_TYPE(z_s, at::kCPU);
+  const int64_t n = z_s.size(0);
+  check_row_range(row_begin, row_count, n);
+  const Normalized features = normalize_pair(z_s, z_t);
+  const at::Tensor s = features.unit.select(0, 0), t = features.unit.select(0, 1);
+  const double kappa = clamped_scale(scalar_value(log_scale), max_scale);
+  const auto options = features.norms.options();
+  at::Tensor row_lse = at::empty({row_count}, options), col_lse = at::empty({row_count}, options),
+             row_kl = at::empty({row_count}, options), row_ce = at::empty({row_count}, options);
+  const RowRange range{.n = n, .begin = row_begin, .count = row_count};
+  AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "icd_forward_rows_cpu", [&] {
+    const auto statistics = kappa <= kFixedShiftMaxScale
+                                ? forward_row_statistics<scalar_t, false>
+                                : forward_row_statistics<scalar_t, true>;
+    statistics(s, t, scalar_t(kappa), range, row_lse.data_ptr<scalar_t>(),
+               col_lse.data_ptr<scalar_t>(), row_kl.data_ptr<scalar_t>(),
+               row_ce.data_ptr<scalar_t>());
   });
-  const double dlog_scale = dkappa * scale_grad_factor(log_scale_value, max_scale);
-  return {ds.to(grad_dtype), dt.to(grad_dtype),
-          at::full_like(log_scale, dlog_scale, at::MemoryFormat::Contiguous)};
+  return {row_lse, col_lse, row_kl, row_ce, features.unit, features.norms};
+}
+
+// The backward of the sharded loss for one rank: the gradients of
+// sum_i (weight_ce_i CE_i + weight_kl_i k_i) over all N rows with respect to the z_s and z_t
+// rows [row_begin, row_begin + row_count), and this range's share of the gradient of theta
+// (the shares of all ranks add up to the whole).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_rows_cpu(
+    const at::Tensor& unit, const at::Tensor& norms, const at::Tensor& log_scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_kl,
+    const at::Tensor& weight_ce, const at::Tensor& weight_kl, int64_t row_begin,
+    int64_t row_count, double max_scale, at::ScalarType grad_dtype) {
+  check_icd_saved(unit, norms, log_scale, row_lse, col_lse, row_kl, 0.0, max_scale, grad_dtype);
+  check_row_weights(unit, weight_ce, weight_kl);
+  CHECK_DEVICE_TYPE(unit, at::kCPU);
+  const int64_t n = unit.size(1);
+  check_row_range(row_begin, row_count, n);
+  return backward_impl(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce, weight_kl,
+                       RowRange{.n = n, .begin = row_begin, .count = row_count}, max_scale,
+                       grad_dtype);
 }
 
 }  // namespace
@@ -614,6 +877,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
 TORCH_LIBRARY_IMPL(icd_fast, CPU, m) {
   m.impl("icd_forward", &icd_forward_cpu);
   m.impl("icd_backward", &icd_backward_cpu);
+  m.impl("icd_forward_rows", &icd_forward_rows_cpu);
+  m.impl("icd_backward_rows", &icd_backward_rows_cpu);
 }
 
 }  // namespace icd_fast::cpu

@@ -391,10 +391,11 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
       if (row_ok && j < n) {
         const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
         const acc_t r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
+        const RowTerms<acc_t> row_i{.r = r_i, .c = c_i, .k = k_i, .w_ce = w.ce, .w_kl = w.kl};
+        const RowTerms<acc_t> row_j{.r = r_j, .c = c_j, .k = k_j, .w_ce = w.ce, .w_kl = w.kl};
         const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
-            l_ij, l_ji, r_i, c_i, k_i, r_j, c_j, k_j,
-            pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
-            j == i ? acc_t(1) : acc_t(0), w.ce, w.kl);
+            l_ij, l_ji, row_i, row_j, pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
+            j == i ? acc_t(1) : acc_t(0));
         g_ij = g.ij;
         g_ji = g.ji;
         dkappa += static_cast<double>(g_ij) * x[m];  // every logit once, as G_ij / 2^e
