@@ -6,10 +6,12 @@
     >>> loss.backward()
 """
 from ._ops import build_info
+from .distributed import icd_loss_sharded
 from .functional import ICDLossParts, icd_loss
 from .modules import ICDLoss
 from .reference import icd_loss_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["ICDLoss", "ICDLossParts", "build_info", "icd_loss", "icd_loss_reference", "__version__"]
+__all__ = ["ICDLoss", "ICDLossParts", "build_info", "icd_loss", "icd_loss_reference",
+           "icd_loss_sharded", "__version__"]

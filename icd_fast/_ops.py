@@ -60,6 +60,46 @@ def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def as_log_scale(log_scale, like: torch.Tensor) -> torch.Tensor:
+    """log_scale as a tensor: a Python number becomes a 0-dim tensor of the statistics dtype on
+    ``like``'s device. Anything else that is not a tensor is refused by name."""
+    if isinstance(log_scale, torch.Tensor) or not isinstance(like, torch.Tensor):
+        return log_scale
+    if isinstance(log_scale, bool) or not isinstance(log_scale, (int, float)):
+        raise TypeError("log_scale must be a torch.Tensor holding one value or a Python number, "
+                        f"got {type(log_scale).__name__}")
+    return torch.tensor(float(log_scale), device=like.device,
+                        dtype=statistics_dtype(like.dtype))
+
+
+# Small integer codes of the floating dtypes, for exchanging a dtype between ranks.
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPE_CODES.get(dtype, -1)
+
+
+def dtype_name(code: int) -> str:
+    names = {c: str(d).replace("torch.", "") for d, c in _DTYPE_CODES.items()}
+    return names.get(code, "a non-floating dtype")
+
+
+DOUBLE_BACKWARD_MESSAGE = (
+    "icd_fast: double backward (differentiating the gradient of icd_loss, e.g. "
+    "torch.autograd.grad(..., create_graph=True) followed by another backward) is not "
+    "supported by the fused and blockwise backends; use backend='reference' for higher-order "
+    "gradients.")
+
+
+def refuse_double_backward() -> None:
+    """Raises when a backward is asked to build a graph (create_graph=True): the kernels'
+    gradients are not differentiable, and a graph without them would give silently wrong
+    second derivatives, whichever inputs need a gradient."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
+
+
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("icd_fast::icd_forward")
@@ -85,8 +125,25 @@ if EXTENSION_ERROR is None:
             log_scale.new_empty(log_scale.shape),
         )
 
+    @torch.library.register_fake("icd_fast::icd_forward_rows")
+    def _icd_forward_rows_fake(z_s, z_t, log_scale, row_begin, row_count, max_scale):
+        check_inputs(z_s, z_t, log_scale, None, 0.0, max_scale)
+        acc = statistics_dtype(z_s.dtype)
+        n = z_s.shape[0]
+        stats = [z_s.new_empty((row_count,), dtype=acc) for _ in range(4)]
+        return (*stats, z_s.new_empty((2, n, z_s.shape[1]), dtype=acc),
+                z_s.new_empty((2, n), dtype=acc))
+
+    @torch.library.register_fake("icd_fast::icd_backward_rows")
+    def _icd_backward_rows_fake(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce,
+                                weight_kl, row_begin, row_count, max_scale, grad_dtype):
+        return (unit.new_empty((row_count, unit.shape[2]), dtype=grad_dtype),
+                unit.new_empty((row_count, unit.shape[2]), dtype=grad_dtype),
+                log_scale.new_empty(log_scale.shape))
+
     def _backward(ctx, grad_loss, grad_ce, grad_kl):
         """Gradients for (z_s, z_t, log_scale) from the tensors the forward saved."""
+        refuse_double_backward()
         log_scale, row_lse, col_lse, row_kl, unit, norms = ctx.saved_tensors
         return torch.ops.icd_fast.icd_backward(
             grad_loss, grad_ce, grad_kl, unit, norms, log_scale, row_lse, col_lse, row_kl,
@@ -125,10 +182,7 @@ if EXTENSION_ERROR is None:
             return (*_backward(ctx, grad_loss, grad_ce, grad_kl), None, None)
 
     def _no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            "icd_fast: double backward (differentiating the gradient of icd_loss, e.g. "
-            "torch.autograd.grad(..., create_graph=True) followed by another backward) is not "
-            "supported by the fused kernels; use backend='reference' for higher-order gradients.")
+        raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
     torch.library.register_autograd(
         "icd_fast::icd_backward", _no_double_backward,

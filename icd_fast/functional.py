@@ -8,9 +8,10 @@ import torch
 
 from . import _ops
 from ._checks import check_inputs
+from ._row_range import BLOCKWISE, RowRangeICD
 from .reference import icd_loss_reference
 
-BACKENDS = ("auto", "reference", "cpu", "cuda")
+BACKENDS = ("auto", "reference", "blockwise", "cpu", "cuda")
 
 
 class ICDLossParts(NamedTuple):
@@ -32,8 +33,8 @@ def _fused_kernel_for(device_type: str) -> Optional[str]:
     return None
 
 
-def _why_auto_skips(device_type: str, dtype: torch.dtype, kernel: Optional[str]) -> Optional[str]:
-    """Why backend="auto" uses the reference for these tensors, or None if it need not."""
+def _why_auto_skips(device_type: str, kernel: Optional[str]) -> Optional[str]:
+    """Why backend="auto" does not use a fused kernel for these tensors, or None."""
     if kernel is None:
         return _ops.EXTENSION_ERROR or f"it was built without a {device_type} kernel"
     if kernel == "cuda" and not _ops.CUDA_KERNEL_VERIFIED_ON_GPU:
@@ -42,21 +43,22 @@ def _why_auto_skips(device_type: str, dtype: torch.dtype, kernel: Optional[str])
     return None
 
 
-def _resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "reference":
+    if backend in ("reference", "blockwise"):
         return backend
     kernel = _fused_kernel_for(device.type)
     if backend == "auto":
-        why = _why_auto_skips(device.type, dtype, kernel)
+        why = _why_auto_skips(device.type, kernel)
         if why is None:
             return kernel
         if (device.type, why) not in _warned_fallback:
             _warned_fallback.add((device.type, why))
-            warnings.warn(f"icd_fast: using the pure-PyTorch reference (O(N^2) memory) for "
-                          f"{device.type} tensors: {why}.", stacklevel=3)
-        return "reference"
+            warnings.warn(f"icd_fast: using the blockwise PyTorch backend (O(N D) memory, "
+                          f"plain PyTorch speed) for {device.type} tensors: {why}.",
+                          stacklevel=3)
+        return "blockwise"
     if device.type != backend:
         raise ValueError(f"backend={backend!r} needs {backend} tensors, got tensors on {device}")
     if kernel is None:
@@ -92,11 +94,12 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
         alpha: weight of the invariance (KL) term, >= 0.
         max_scale: upper clamp of exp(theta), > 0. Up to 32 the kernels use a fixed
             exponent shift; above, an online maximum, so any scale stays finite.
-        backend: ``"auto"`` (the fused kernel for the tensors' device when it was built,
-            else the reference, with a one-time warning; for now it leaves the CUDA kernel,
-            which has not yet been verified on a GPU, to explicit use), ``"cpu"``, ``"cuda"``
-            (float32/float64/float16/bfloat16) or ``"reference"`` (plain PyTorch; supports double
-            backward).
+        backend: ``"auto"`` (the fused kernel for the tensors' device when it was built and
+            verified, today the CPU kernel; ``"blockwise"`` everywhere else, with a one-time
+            warning, so a GPU gets O(N D) memory), ``"cpu"``, ``"cuda"`` (the fused CUDA
+            kernel, float32/float64/float16/bfloat16, not yet verified on a GPU),
+            ``"blockwise"`` (tiled plain PyTorch on any device: no N x N buffer) or
+            ``"reference"`` (the authors' O(N^2) formulation; supports double backward).
         return_parts: also return the contrastive (CE) and invariance (KL) terms.
 
     Returns:
@@ -107,16 +110,19 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
     Raises:
         ValueError / TypeError naming the argument for a wrong shape, dtype, device or value.
     """
-    if not isinstance(log_scale, torch.Tensor) and isinstance(z_s, torch.Tensor):
-        log_scale = torch.tensor(float(log_scale), device=z_s.device,
-                                 dtype=_ops.statistics_dtype(z_s.dtype))
+    log_scale = _ops.as_log_scale(log_scale, z_s)
     check_inputs(z_s, z_t, log_scale, bias, alpha, max_scale)
-    chosen = _resolve_backend(backend, z_s.device, z_s.dtype)
+    chosen = _resolve_backend(backend, z_s.device)
     if chosen == "reference":
         loss, ce, kl = icd_loss_reference(z_s, z_t, log_scale, bias, alpha=alpha,
                                           max_scale=max_scale, return_parts=True)
     else:
-        loss, ce, kl = _ops.fused_forward(z_s, z_t, log_scale, float(alpha), float(max_scale))
+        if chosen == "blockwise":
+            loss, ce, kl = RowRangeICD.apply(z_s, z_t, log_scale, float(alpha),
+                                             float(max_scale), None, BLOCKWISE)
+        else:
+            loss, ce, kl = _ops.fused_forward(z_s, z_t, log_scale, float(alpha),
+                                              float(max_scale))
         if bias is not None:
             # b cancels in the loss; this term makes its gradient an exact 0 instead of None.
             loss = loss + (bias * 0).sum().to(loss.dtype)
