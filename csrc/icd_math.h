@@ -87,9 +87,13 @@ ICD_HOST_DEVICE float exp_acc<float>(float x) {
 #endif
 }
 
+// Arguments below -1000 (whose exponential is 0 in fp64 anyway) are raised to -1000: the
+// vectorised libm exp that the compiler calls for SIMD loops converts its argument to a
+// 64-bit integer on the way and returns garbage below about -9.2e18 (a logit gap at scales
+// above ~1e19). NaN passes through (the comparison is false).
 template <>
 ICD_HOST_DEVICE double exp_acc<double>(double x) {
-  return std::exp(x);
+  return std::exp(x < -1000.0 ? -1000.0 : x);
 }
 
 // Running sums of exponentials are kept with a shift m, as sum e^(v - m). When a value v

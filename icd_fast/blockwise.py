@@ -25,16 +25,18 @@ def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# exp(theta) and its clamp are taken in float64, as the fused kernels do, so that a theta at
+# the clamp (e.g. log(10) rounded to float32) falls on the same side of it everywhere.
 def scale_of(log_scale: torch.Tensor, max_scale: float, dtype: torch.dtype) -> torch.Tensor:
     """kappa = clamp(exp(theta), 0, max_scale), as a 0-dim tensor (no host synchronisation)."""
-    return log_scale.detach().reshape(()).to(dtype).exp().clamp(0, max_scale)
+    return log_scale.detach().reshape(()).double().exp().clamp(0, max_scale).to(dtype)
 
 
 def scale_grad_factor(log_scale: torch.Tensor, max_scale: float, dtype: torch.dtype) -> torch.Tensor:
     """d kappa / d theta: exp(theta), or 0 strictly above the clamp (torch.clamp passes the
     gradient at the bound itself)."""
-    e = log_scale.detach().reshape(()).to(dtype).exp()
-    return torch.where(e > max_scale, torch.zeros_like(e), e)
+    e = log_scale.detach().reshape(()).double().exp()
+    return torch.where(e > max_scale, torch.zeros_like(e), e).to(dtype)
 
 
 def normalize(z_s: torch.Tensor, z_t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ from typing import Mapping, Optional
 import torch
 from torch import nn
 
+from .distributed import icd_loss_sharded
 from .functional import ICDLossParts, icd_loss
 
 
@@ -30,6 +31,10 @@ class ICDLoss(nn.Module):
             authors' non-trainable branch multiplies by T instead, which is a bug). The clamp
             is raised to 1/T if needed, since it exists to bound a learned scale.
         backend: passed to :func:`icd_fast.icd_loss`.
+        sharded: under an initialised process group with several ranks, each rank passes
+            only its own rows and gets its share of the loss of all ranks' rows
+            (:func:`icd_fast.icd_loss_sharded`: exact, with DDP's gradient averaging giving
+            the single-process gradients). Without a process group it is ``icd_loss``.
 
     To load a state dict saved from the authors' module, use :meth:`load_authors_state_dict`.
     """
@@ -37,7 +42,7 @@ class ICDLoss(nn.Module):
     def __init__(self, s_dim: int, t_dim: int, feat_dim: int = 128, alpha: float = 0.5,
                  init_log_scale: float = 1.0, init_bias: float = 0.0, max_scale: float = 10.0,
                  learnable: bool = True, temperature: Optional[float] = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", sharded: bool = False):
         super().__init__()
         for name, v in (("s_dim", s_dim), ("t_dim", t_dim), ("feat_dim", feat_dim)):
             if not isinstance(v, int) or v <= 0:
@@ -54,6 +59,7 @@ class ICDLoss(nn.Module):
         self.alpha = alpha
         self.max_scale = max_scale
         self.backend = backend
+        self.sharded = sharded
         log_scale = torch.tensor(float(init_log_scale))
         bias = torch.tensor(float(init_bias))
         if learnable:
@@ -71,9 +77,9 @@ class ICDLoss(nn.Module):
     def forward(self, f_s: torch.Tensor, f_t: torch.Tensor, return_parts: bool = False):
         z_s = self.embed_s(f_s.flatten(1))
         z_t = self.embed_t(f_t.flatten(1))
-        return icd_loss(z_s, z_t, self.log_scale, self.bias, alpha=self.alpha,
-                        max_scale=self.max_scale, backend=self.backend,
-                        return_parts=return_parts)
+        loss = icd_loss_sharded if self.sharded else icd_loss
+        return loss(z_s, z_t, self.log_scale, self.bias, alpha=self.alpha,
+                    max_scale=self.max_scale, backend=self.backend, return_parts=return_parts)
 
     @staticmethod
     def convert_authors_state_dict(state_dict: Mapping[str, torch.Tensor],
@@ -98,6 +104,10 @@ class ICDLoss(nn.Module):
                 converted[f"{parts[0]}.{parts[-1]}"] = value
             elif key == "params.tau":
                 theta = value.reshape(())
+                if not authors_trainable and not bool(theta > 0):
+                    raise ValueError(
+                        "params.tau of a module saved with trainable=False multiplies the "
+                        f"logits and must be > 0 to be a scale, got {theta.item()!r}")
                 converted["log_scale"] = theta if authors_trainable else theta.log()
             elif key == "params.b":
                 converted["bias"] = value.reshape(())
@@ -113,7 +123,8 @@ class ICDLoss(nn.Module):
         return self.load_state_dict(converted, strict=strict)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, max_scale={self.max_scale}, backend={self.backend!r}"
+        return (f"alpha={self.alpha}, max_scale={self.max_scale}, backend={self.backend!r}, "
+                f"sharded={self.sharded}")
 
 
 __all__ = ["ICDLoss", "ICDLossParts"]

@@ -83,3 +83,9 @@ def test_bias_must_be_a_scalar():
 def test_non_tensor_features():
     with pytest.raises(TypeError, match="z_s must be a torch.Tensor"):
         icd_fast.icd_loss([[1.0]], GOOD["z_t"], GOOD["log_scale"])
+
+
+@pytest.mark.parametrize("log_scale", [None, "1.0", [1.0], True])
+def test_log_scale_of_another_type_is_named(log_scale):
+    with pytest.raises(TypeError, match="log_scale must be a torch.Tensor .* or a Python number"):
+        icd_fast.icd_loss(GOOD["z_s"], GOOD["z_t"], log_scale)

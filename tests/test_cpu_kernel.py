@@ -200,12 +200,29 @@ def test_nan_or_inf_inputs_give_nan_loss(bad):
     assert torch.isnan(fused(z_s.detach().nan_to_num(0.0), z_t, nan_theta))
 
 
-def test_double_backward_raises_clearly():
+@pytest.mark.parametrize("backend", ["cpu", "blockwise"])
+@pytest.mark.parametrize("theta_needs_grad", [True, False])
+def test_double_backward_raises_whenever_a_graph_is_created(backend, theta_needs_grad):
+    # Whatever needs a gradient: with a fixed theta the gradient's graph would silently miss
+    # the loss's second derivatives (a gradient penalty then trains on a wrong gradient).
     z_s, z_t, th = make_inputs(6, 4, torch.float64)
-    loss = fused(z_s, z_t, th)
-    (g,) = torch.autograd.grad(loss, z_s, create_graph=True)
+    th.requires_grad_(theta_needs_grad)
+    loss = icd_fast.icd_loss(z_s, z_t, th, backend=backend)
     with pytest.raises(RuntimeError, match="double backward"):
-        g.sum().backward()
+        torch.autograd.grad(loss, z_s, create_graph=True)
+    loss = icd_fast.icd_loss(z_s, z_t, th, backend=backend)
+    (g,) = torch.autograd.grad(loss, z_s)  # a first-order gradient still works
+    assert torch.isfinite(g).all()
+
+
+def test_gradient_penalty_through_a_fixed_scale_module_is_refused_not_wrong():
+    # The case of the report: ICDLoss(learnable=False) with a gradient penalty.
+    torch.manual_seed(0)
+    criterion = icd_fast.ICDLoss(8, 8, 4, learnable=False, temperature=0.5)
+    x = torch.randn(10, 8, requires_grad=True)
+    loss = criterion(x, torch.randn(10, 8))
+    with pytest.raises(RuntimeError, match="backend='reference'"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 @pytest.mark.parametrize("threads", [2, 32])

@@ -91,3 +91,24 @@ def test_state_dict_round_trip():
 def test_bad_dimensions():
     with pytest.raises(ValueError, match="s_dim"):
         ICDLoss(0, 4)
+
+
+@pytest.mark.parametrize("tau", [-0.07, 0.0, float("nan")])
+def test_authors_non_trainable_tau_must_be_a_positive_multiplier(tau):
+    # log(tau) would be a NaN scale, silently: the whole loss NaN.
+    criterion = icd_fast.ICDLoss(4, 4, 2, learnable=False, temperature=1.0)
+    state = {"embed_s.weight": torch.zeros(2, 4), "embed_s.bias": torch.zeros(2),
+             "embed_t.weight": torch.zeros(2, 4), "embed_t.bias": torch.zeros(2),
+             "params.tau": torch.tensor([tau]), "params.b": torch.tensor([0.0])}
+    with pytest.raises(ValueError, match="params.tau .* must be > 0"):
+        criterion.load_authors_state_dict(state, authors_trainable=False)
+
+
+def test_sharded_module_without_a_process_group_is_the_plain_module():
+    torch.manual_seed(0)
+    plain = icd_fast.ICDLoss(6, 5, 4)
+    sharded = icd_fast.ICDLoss(6, 5, 4, sharded=True)
+    sharded.load_state_dict(plain.state_dict())
+    f_s, f_t = torch.randn(9, 6), torch.randn(9, 5)
+    assert sharded(f_s, f_t).item() == pytest.approx(plain(f_s, f_t).item(), rel=1e-6)
+    assert "sharded=True" in repr(sharded)

@@ -56,11 +56,11 @@ def test_auto_picks_the_cpu_kernel(monkeypatch):
     assert calls == [1]
 
 
-def test_auto_falls_back_to_reference_and_says_so_once(monkeypatch):
+def test_auto_falls_back_to_blockwise_and_says_so_once(monkeypatch):
     monkeypatch.setattr(_ops, "HAS_CPU_KERNEL", False)
     monkeypatch.setattr(functional, "_warned_fallback", set())
     z_s, z_t, th = make_inputs(10, 4, torch.float64)
-    with pytest.warns(UserWarning, match="reference .* for cpu tensors: .*built without"):
+    with pytest.warns(UserWarning, match="blockwise .* for cpu tensors: .*built without"):
         loss = icd_fast.icd_loss(z_s, z_t, th)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -94,8 +94,10 @@ def test_python_number_log_scale_is_a_fixed_scale():
 
 def test_auto_leaves_the_unverified_cuda_kernel_to_explicit_use(monkeypatch):
     monkeypatch.setattr(_ops, "CUDA_KERNEL_VERIFIED_ON_GPU", False)
-    assert "not yet been verified" in functional._why_auto_skips("cuda", torch.float32, "cuda")
+    assert "not yet been verified" in functional._why_auto_skips("cuda", "cuda")
+    assert functional._resolve_backend("auto", torch.device("cuda")) == "blockwise"
+    assert functional._resolve_backend("auto", torch.device("meta")) == "blockwise"
     monkeypatch.setattr(_ops, "CUDA_KERNEL_VERIFIED_ON_GPU", True)
-    assert functional._why_auto_skips("cuda", torch.bfloat16, "cuda") is None
-    assert functional._why_auto_skips("cuda", torch.float64, "cuda") is None
-    assert functional._why_auto_skips("cpu", torch.float64, "cpu") is None
+    assert functional._why_auto_skips("cuda", "cuda") is None
+    assert functional._why_auto_skips("cpu", "cpu") is None
+    assert "without a xpu kernel" in functional._why_auto_skips("xpu", None)
