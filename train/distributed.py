@@ -1,10 +1,9 @@
 """Multi-process training under torchrun (DDP): process group set-up from the environment,
-the rank helpers the loop needs, and gathering a batch-contrastive loss's features.
+the rank helpers the loop needs, and gathering rows across ranks.
 
-ICD and CRD contrast every sample of a batch with every other one, so under DDP the
-features of all ranks are gathered before the loss: the loss then sees the global batch,
-exactly as one process with that batch would. `gather_with_grad` routes each rank's share
-of the gradient back to it.
+ICD contrasts every sample of a batch with every other one; under DDP it does so through
+icd_fast.icd_loss_sharded, which gathers what it needs itself and computes only this rank's
+rows. CRD's memory banks take every rank's samples through `gather`.
 """
 from __future__ import annotations
 
@@ -101,32 +100,6 @@ def all_gather_objects(obj) -> List:
     out = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All ranks' rows in rank order; backward sums every rank's gradient for this rank's
-    rows (an all-reduce, which gloo supports, where a reduce-scatter would not be)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.rows = x.shape[0]
-        return gather(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = rank() * ctx.rows
-        return grad[start:start + ctx.rows]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenation of x over ranks (all equal in size), differentiable.
-
-    Every rank computes the same global loss from the gathered rows, so rank r's rows receive
-    world_size times their gradient; DDP's averaging over ranks divides it back out.
-    """
-    return _GatherWithGrad.apply(x) if is_distributed() else x
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ def small_net(width: int) -> nn.Module:
                          nn.Linear(width, NUM_CLASSES))
 
 
-def main(out: str, method: str) -> None:
+def main(out: str, method: str, batch_size: int = 32) -> None:
     device = distributed.init_from_env("cpu")
     torch.use_deterministic_algorithms(True)
     train, test = digits_datasets(image_size=8)
@@ -38,7 +38,8 @@ def main(out: str, method: str) -> None:
                                 labels=dataset_labels(train), **options).to(device)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    config = engine.TrainConfig(epochs=4, batch_size=32, seed=5, out_dir=Path(out) / "run")
+    config = engine.TrainConfig(epochs=4, batch_size=batch_size, seed=5,
+                                out_dir=Path(out) / "run")
     history = engine.fit(distiller, train, test, optimizer, None, config)
     if method == "crd":  # every rank's memory banks, to compare
         torch.save({"memory_s": distiller.memory_s, "memory_t": distiller.memory_t,
@@ -52,4 +53,4 @@ def main(out: str, method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *(int(a) for a in sys.argv[3:4]))

@@ -21,7 +21,6 @@ from torch import nn
 
 import icd_fast
 
-from .. import distributed
 from ..models import FeatureTap
 
 DISTILLERS: Dict[str, Callable[..., "Distiller"]] = {}
@@ -138,8 +137,10 @@ class KD(Distiller):
 @register("icd")
 class ICD(Distiller):
     """gamma CE + lambda KD_T + beta ICD (paper eq. 13): "icd" has lambda = 0, "icd_kd" 1.
-    The ICD criterion's heads, theta and b are trained with the student. Under DDP the loss
-    contrasts the global batch (all ranks' features), as one process would."""
+    The ICD criterion's heads, theta and b are trained with the student. Under DDP each rank
+    projects only its own rows and the sharded loss contrasts them with the global batch
+    (icd_fast.icd_loss_sharded): exactly the one-process loss and gradients, each rank
+    computing its own rows' share."""
 
     default_lambda = 0.0
 
@@ -149,15 +150,14 @@ class ICD(Distiller):
         self.gamma, self.beta, self.temperature = gamma, beta, temperature
         self.lam = self.default_lambda if lam is None else lam
         self.criterion = icd_fast.ICDLoss(self.student_tap.dim, self.teacher_tap.dim,
-                                          feat_dim=feat_dim, alpha=alpha, backend=backend)
+                                          feat_dim=feat_dim, alpha=alpha, backend=backend,
+                                          sharded=True)
 
     def forward(self, images, labels, indices=None):
         t_logits, t_features = self.teacher_outputs(images)
         logits = self.student(images)
-        f_s = distributed.gather_with_grad(self.student_tap.features)
-        f_t = distributed.gather(t_features)
         losses = {"ce": self.gamma * F.cross_entropy(logits, labels),
-                  "icd": self.beta * self.criterion(f_s, f_t)}
+                  "icd": self.beta * self.criterion(self.student_tap.features, t_features)}
         if self.lam:
             losses["kd"] = self.lam * kd_loss(logits, t_logits, self.temperature)
         return logits, losses
