@@ -71,6 +71,10 @@ for arg in "$@"; do
   esac
 done
 (( run_quick )) && stages=(quick "${stages[@]}")
+if (( ${#stages[@]} == 0 )); then
+  echo "gpu_session.sh: --no-quick leaves no stage to run; name one (${STAGE_ORDER[*]:1}, all)" >&2
+  exit 2
+fi
 # Each stage once, in the order given.
 declare -A seen=()
 ordered=()
