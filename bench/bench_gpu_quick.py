@@ -60,7 +60,21 @@ def time_config(impl, n, d, dtype, device, seconds):
             "samples_ms": samples}
 
 
+def time_or_error(impl, n, d, dtype, device, seconds):
+    """time_config's row, or the error that stopped it (out of memory, a compile failure):
+    one failing implementation must not cost the session the others' numbers."""
+    try:
+        return time_config(impl, n, d, dtype, device, seconds)
+    except Exception as error:  # noqa: BLE001  (recorded in the results and the exit status)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"impl": impl, "n": n, "d": d, "dtype": str(dtype).replace("torch.", ""),
+                "error": f"{type(error).__name__}: {error}"[:500]}
+
+
 def run(args) -> dict:
+    """Times every config and rewrites args.out after each, so that a run cut short leaves
+    what it measured."""
     device = torch.device(args.device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -69,24 +83,29 @@ def run(args) -> dict:
         name, capability = "cpu", None
     configs = [(dtype, n, d) for dtype in args.dtypes for d in args.dims for n in args.sizes]
     seconds = args.seconds / max(1, len(configs) * len(args.impls))
+    report = {"machine": machine_info(device), "device_name": name, "capability": capability,
+              "settings": {"seconds": args.seconds, "min_repeats": MIN_REPEATS,
+                           "max_repeats": MAX_REPEATS, "warmup_calls": WARMUP_CALLS},
+              "results": []}
     print(f"# {name} | torch {torch.__version__} | {seconds:.2f} s per timing", flush=True)
     print(f"{'dtype':>9} {'N':>6} {'D':>4} {'impl':>8} {'median ms [min-max]':>28} {'vs fused':>9}")
-    results = []
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for dtype_name, n, d in configs:
         dtype = getattr(torch, dtype_name)
-        rows = [time_config(impl, n, d, dtype, device, seconds) for impl in args.impls]
-        fused = next((r for r in rows if r["impl"] == "fused"), None)
+        rows = [time_or_error(impl, n, d, dtype, device, seconds) for impl in args.impls]
+        fused = next((r for r in rows if r["impl"] == "fused" and "error" not in r), None)
         for r in rows:
+            if "error" in r:
+                print(f"{dtype_name:>9} {n:>6} {d:>4} {r['impl']:>8} {r['error']}", flush=True)
+                continue
             r["fused_speedup"] = r["median_ms"] / fused["median_ms"] if fused else None
             ratio = f"{r['fused_speedup']:.2f}x" if fused else "-"
             spread = f"{r['median_ms']:.4g} [{r['min_ms']:.4g}-{r['max_ms']:.4g}]"
             print(f"{dtype_name:>9} {n:>6} {d:>4} {r['impl']:>8} {spread:>28} {ratio:>9}",
                   flush=True)
-        results += rows
-    return {"machine": machine_info(device), "device_name": name, "capability": capability,
-            "settings": {"seconds": args.seconds, "min_repeats": MIN_REPEATS,
-                         "max_repeats": MAX_REPEATS, "warmup_calls": WARMUP_CALLS},
-            "results": results}
+        report["results"] += rows
+        args.out.write_text(json.dumps(report, indent=2))
+    return report
 
 
 def main(argv=None) -> int:
@@ -107,10 +126,9 @@ def main(argv=None) -> int:
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch sees no CUDA device")
     report = run(args)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
-    return 0
+    failed = [r for r in report["results"] if "error" in r]
+    print(f"wrote {args.out}" + (f"; {len(failed)} timings failed" if failed else ""))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

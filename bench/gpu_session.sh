@@ -244,8 +244,8 @@ stage_quick() {
   run_step 240 "$PY" bench/bench_gpu_quick.py --out "$OUT/quick-bench.json"
   local status=$?
   placeholder "$OUT/quick-bench.json"
-  end_step "$status" "wrote quick-bench.json"
-  if (( status == 0 )) && ! dry; then
+  end_step "$status" "quick-bench.json (rewritten after each config: partial if cut short)"
+  if [[ -s "$OUT/quick-bench.json" ]] && ! dry; then
     tool bench-lines "$OUT/quick-bench.json" | sed 's/^/  /' | tee -a "$SUMMARY"
   fi
 }

@@ -183,14 +183,19 @@ def bench_lines(args) -> bool:
     configs = {}
     for row in report["results"]:
         configs.setdefault((row["dtype"], row["n"], row["d"]), {})[row["impl"]] = row
+    failed = False
     for (dtype, n, d), rows in configs.items():
+        failed |= any("error" in r for r in rows.values())
+        timed = {impl: r for impl, r in rows.items() if "error" not in r}
         times = " ".join(f"{impl} {r['median_ms']:.3g} [{r['min_ms']:.3g}-{r['max_ms']:.3g}] ms"
-                         for impl, r in rows.items())
-        fused = rows.get("fused")
+                         for impl, r in timed.items())
+        errors = " ".join(f"{impl} FAILED ({r['error'][:80]})" for impl, r in rows.items()
+                          if impl not in timed)
+        fused = timed.get("fused")
         ratios = " ".join(f"fused vs {impl} {r['median_ms'] / fused['median_ms']:.2f}x"
-                          for impl, r in rows.items() if fused and impl != "fused")
-        print(f"{dtype} N={n} D={d}: {times}; {ratios}")
-    return True
+                          for impl, r in timed.items() if fused and impl != "fused")
+        print(f"{dtype} N={n} D={d}: " + "; ".join(x for x in (times, errors, ratios) if x))
+    return not failed
 
 
 def main(argv=None) -> int:

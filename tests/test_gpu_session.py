@@ -269,3 +269,17 @@ def test_sanitizer_workload_runs_on_the_cpu_kernel():
     assert result.returncode == 0, result.stderr
     assert re.search(r"sanitize workload done: 40 cases on cpu, caching allocator off",
                      result.stdout), result.stdout
+
+
+def test_bench_lines_report_a_failed_timing_and_fail(tmp_path, capsys):
+    row = {"dtype": "float32", "n": 64, "d": 128, "median_ms": 2.0, "min_ms": 1.0, "max_ms": 3.0}
+    report = {"device_name": "GPU", "capability": "9.0", "machine": {"torch": "x"},
+              "results": [dict(row, impl="fused"), dict(row, impl="eager", median_ms=8.0),
+                          {"dtype": "float32", "n": 64, "d": 128, "impl": "compile",
+                           "error": "RuntimeError: out of memory"}]}
+    path = tmp_path / "quick.json"
+    path.write_text(json.dumps(report))
+    assert tools.main(["bench-lines", str(path)]) == 1
+    printed = capsys.readouterr().out
+    assert "compile FAILED (RuntimeError: out of memory)" in printed
+    assert "fused vs eager 4.00x" in printed
