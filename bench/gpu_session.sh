@@ -3,7 +3,8 @@
 #
 #   bash bench/gpu_session.sh [--no-quick] [STAGE ...]      STAGE: sanitize, bench-full,
 #                                                           no-tensor-core-build, or all
-#   bash bench/gpu_session.sh --list-stages                 the stages and their expected seconds
+#   bash bench/gpu_session.sh --list-stages                 each stage's expected seconds and
+#                                                           the least it needs to start
 #
 #   quick (first, always, unless --no-quick), about 5.5 min:
 #       build for the visible GPU's arch (only when the build lacks it), the CUDA tests
@@ -28,10 +29,10 @@
 #   running.log        the log of the step in progress (moved into the archive when it ends,
 #                      so it is there only if the call was cut short)
 #   quick-bench.json   bench-full-float32.json   bench-full-bfloat16.json
-# A stage starts only when its expected time fits in what is left of GPU_SESSION_BUDGET_S
-# (default 570 s, under the 600 s a call may run); every step runs under a timeout of what
-# is left, so the summary and the archive are always written. A failed step or stage does
-# not stop the later ones.
+# A stage starts only when the minimum it needs (--list-stages) is left of
+# GPU_SESSION_BUDGET_S (default 570 s, under the 600 s a call may run); every step runs under
+# a timeout of what is left, so the summary and the archive are always written. A failed
+# step or stage does not stop the later ones.
 #
 # GPU_SESSION_DRY_RUN=1 runs the stage logic without a GPU: commands are written to the logs
 # instead of run, the result files are written as placeholders, and the listing is checked
@@ -43,9 +44,12 @@
 set -uo pipefail  # no -e: a failing step is reported and the next one runs
 cd "$(dirname "$0")/.."
 
-# The stages, in the order `all` runs them, and their expected seconds on an H100.
+# The stages, in the order `all` runs them, their expected seconds on an H100, and the
+# least time left for which one still starts (one sanitizer, one benchmark dtype, the whole
+# scratch build with its tests): what does not fit then ends as TIMEOUT, step by step.
 STAGE_ORDER=(quick sanitize bench-full no-tensor-core-build)
 declare -A STAGE_EXPECTED_S=([quick]=330 [sanitize]=240 [bench-full]=180 [no-tensor-core-build]=240)
+declare -A STAGE_MINIMUM_S=([quick]=0 [sanitize]=75 [bench-full]=100 [no-tensor-core-build]=200)
 SANITIZER_TOOLS=(memcheck racecheck initcheck synccheck)
 BENCH_FULL_DTYPES=(float32 bfloat16)
 
@@ -57,7 +61,9 @@ for arg in "$@"; do
   case "$arg" in
     -h|--help) usage; exit 0 ;;
     --list-stages)
-      for stage in "${STAGE_ORDER[@]}"; do echo "$stage ${STAGE_EXPECTED_S[$stage]}"; done
+      for stage in "${STAGE_ORDER[@]}"; do
+        echo "$stage ${STAGE_EXPECTED_S[$stage]} ${STAGE_MINIMUM_S[$stage]}"
+      done
       exit 0 ;;
     --no-quick) run_quick=0 ;;
     all) stages+=("${STAGE_ORDER[@]:1}") ;;
@@ -163,14 +169,14 @@ end_step() {
   [[ $verdict == PASS ]]
 }
 
-# A stage starts when its expected time fits in the budget left (quick always starts).
+# A stage starts when at least its minimum time is left in the budget (quick always starts).
 begin_stage() {
-  local stage=$1 expected=${STAGE_EXPECTED_S[$1]} left
+  local stage=$1 expected=${STAGE_EXPECTED_S[$1]} minimum=${STAGE_MINIMUM_S[$1]} left
   left=$(remaining_s)
   echo "== $stage: expected about $(( (expected + 30) / 60 )) min ($expected s); $left s of the budget left"
-  if [[ $stage != quick ]] && (( expected > left )); then
-    note "$stage: SKIPPED: expected $expected s, $left s left; run it in a call of its own:" \
-      "bash bench/gpu_session.sh --no-quick $stage"
+  if [[ $stage != quick ]] && (( left < minimum )); then
+    note "$stage: SKIPPED: expected $expected s, needs $minimum s to start, $left s left;" \
+      "run it in a call of its own: bash bench/gpu_session.sh --no-quick $stage"
     return 1
   fi
 }

@@ -61,9 +61,11 @@ def assert_returnable(out):
 def test_every_stage_is_listed_with_its_expected_seconds():
     listed = subprocess.run(["bash", str(SCRIPT), "--list-stages"], capture_output=True,
                             text=True, check=True).stdout.split("\n")
-    stages = dict(line.split() for line in listed if line)
+    stages = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in listed if line}
     assert set(stages) == STAGES
-    assert all(0 < int(seconds) <= 600 for seconds in stages.values())
+    assert all(0 <= minimum <= expected <= 600 for expected, minimum in stages.values())
+    # The recommended first call, quick then sanitize, fits one 10-minute device call.
+    assert stages["quick"][0] + stages["sanitize"][0] <= 570
 
 
 def test_dry_run_reaches_every_stage_and_leaves_only_returnable_files(tmp_path):
@@ -129,13 +131,28 @@ def test_a_session_cut_short_returns_what_it_did(tmp_path):
 
 
 def test_a_stage_that_does_not_fit_the_budget_is_skipped_and_says_how_to_run_it(tmp_path):
-    result, out = session(tmp_path, "sanitize", "bench-full", GPU_SESSION_BUDGET_S="230")
+    # 150 s: 135 s left after the reserve, enough to start sanitize (75) and bench-full (100)
+    # but not the scratch build (200).
+    result, out = session(tmp_path, "all", GPU_SESSION_BUDGET_S="150")
     lines = summary_lines(out)
     assert verdict(lines, "quick:bench") == "PASS"
-    skipped = [line for line in lines if line.startswith("sanitize: SKIPPED")]
-    assert skipped and "--no-quick sanitize" in skipped[0]
-    assert verdict(lines, "bench-full:float32") == "PASS"  # 180 s still fit
+    assert verdict(lines, "sanitize:synccheck") == "PASS"
+    assert verdict(lines, "bench-full:bfloat16") == "PASS"
+    skipped = [line for line in lines if line.startswith("no-tensor-core-build: SKIPPED")]
+    assert skipped and "--no-quick no-tensor-core-build" in skipped[0]
     assert result.returncode == 0
+
+
+def test_steps_past_the_budget_end_as_timeouts(tmp_path):
+    # Nothing left after the reserve: quick still starts (its build kept), and each step
+    # reports the timeout.
+    result, out = session(tmp_path, GPU_SESSION_BUDGET_S="10",
+                          GPU_SESSION_DRY_RUN_BUILT_ARCHS="9.0")
+    lines = summary_lines(out)
+    assert verdict(lines, "quick:build") == "PASS"
+    assert verdict(lines, "quick:tests") == "TIMEOUT"
+    assert verdict(lines, "quick:bench") == "TIMEOUT"
+    assert result.returncode == 1
 
 
 @pytest.mark.parametrize("built, rebuilt", [("8.0", True), ("8.0;9.0", False),
