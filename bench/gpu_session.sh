@@ -262,8 +262,11 @@ stage_sanitize() {
   sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   for tool_name in "${SANITIZER_TOOLS[@]}"; do
     begin_step "sanitize:$tool_name"
+    # API errors off: torch's own probing calls (cuGetProcAddress and the like) fail by
+    # design and would count; an error of ours raises in the workload, which then never
+    # prints its last line, and the verdict fails.
     run_step 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool_name" \
-      --error-exitcode 3 "$PY" bench/sanitize_workload.py
+      --report-api-errors no --error-exitcode 3 "$PY" bench/sanitize_workload.py
     status=$?
     if dry; then
       detail="dry run"
@@ -307,7 +310,10 @@ stage_no_tensor_core_build() {
   run_step 420 env -C "$scratch" MAX_JOBS="$(nproc)" ICD_FAST_BUILD_CUDA=1 \
     TORCH_CUDA_ARCH_LIST="7.5+PTX" "$PY" setup.py build_ext --inplace --force
   status=$?
-  end_step "$status" "TORCH_CUDA_ARCH_LIST=7.5+PTX in a scratch copy" || return 1
+  if ! end_step "$status" "TORCH_CUDA_ARCH_LIST=7.5+PTX in a scratch copy"; then
+    note "no-tensor-core-build:tests: SKIPPED (no build)"
+    return 1
+  fi
   run_tests no-tensor-core-build:tests 180 "$scratch" tests/test_cuda.py \
     -k "half or tf32 or compiled_arch"
 }

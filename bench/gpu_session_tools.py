@@ -146,27 +146,36 @@ def junit_verdict(args) -> bool:
 
 
 SANITIZER_SUMMARY = re.compile(r"ERROR SUMMARY: (\d+) errors?")
+RACECHECK_SUMMARY = re.compile(r"RACECHECK SUMMARY: (\d+) hazards? displayed \((\d+) errors?, "
+                               r"(\d+) warnings?\)")
 SANITIZER_FRAME = re.compile(r"^=+\s+at (?:0x[0-9a-f]+ in )?([^\s(]+)", re.MULTILINE)
 WORKLOAD_DONE = re.compile(r"^sanitize workload done: (.*)$", re.MULTILINE)
 
 
 def sanitizer_verdict(args) -> bool:
-    """compute-sanitizer's error count, the kernels its reports name, and whether the
-    workload ran to its end (a crash before it would otherwise read as "0 errors")."""
+    """compute-sanitizer's error count (racecheck's hazards, warnings included, where it
+    prints its own summary), the kernels its reports name, and whether the workload ran to
+    its end (a crash before it would otherwise read as "0 errors")."""
     try:
         text = Path(args.log).read_text(errors="replace")
     except OSError as error:
         print(f"no sanitizer log ({error})")
         return False
     summary = SANITIZER_SUMMARY.findall(text)
+    races = RACECHECK_SUMMARY.findall(text)
     done = WORKLOAD_DONE.search(text)
-    if not summary:
+    if not summary and not races:
         print("no ERROR SUMMARY line (the sanitizer did not finish)"
               + (f"; workload: {done.group(1)}" if done else "; workload did not finish"))
         return False
-    errors = int(summary[-1])
-    kernels = sorted(set(SANITIZER_FRAME.findall(text)))
+    errors = int(summary[-1]) if summary else 0
     line = f"{errors} errors"
+    if races:
+        hazards, race_errors, race_warnings = (int(x) for x in races[-1])
+        errors += race_errors + race_warnings
+        line = (f"{errors} errors ({hazards} racecheck hazards: {race_errors} errors, "
+                f"{race_warnings} warnings)")
+    kernels = sorted(set(SANITIZER_FRAME.findall(text)))
     if kernels:
         line += " in " + ", ".join(kernels[:6]) + (" ..." if len(kernels) > 6 else "")
     line += f"; workload: {done.group(1)}" if done else "; workload did not finish"

@@ -233,6 +233,15 @@ def test_sanitizer_verdict(tmp_path, capsys):
     assert tools.main(["sanitizer-verdict", str(log)]) == 1
     log.write_text("========= COMPUTE-SANITIZER\n")  # killed before its summary
     assert tools.main(["sanitizer-verdict", str(log)]) == 1
+    capsys.readouterr()
+    # racecheck's own summary: its warnings (potential hazards) fail the verdict too.
+    done = "sanitize workload done: 40 cases on cuda\n"
+    log.write_text(done + "========= RACECHECK SUMMARY: 0 hazards displayed (0 errors, 0 warnings)\n")
+    assert tools.main(["sanitizer-verdict", str(log)]) == 0
+    log.write_text(done + "========= RACECHECK SUMMARY: 2 hazards displayed (0 errors, 2 warnings)\n"
+                   "========= ERROR SUMMARY: 0 errors\n")
+    assert tools.main(["sanitizer-verdict", str(log)]) == 1
+    assert "2 warnings" in capsys.readouterr().out
 
 
 def test_quick_benchmark_json_on_the_cpu(tmp_path, capsys):
