@@ -250,7 +250,11 @@ stage_quick() {
   run_step 240 "$PY" bench/bench_gpu_quick.py --out "$OUT/quick-bench.json"
   local status=$?
   placeholder "$OUT/quick-bench.json"
-  end_step "$status" "quick-bench.json (rewritten after each config: partial if cut short)"
+  if [[ -s "$OUT/quick-bench.json" ]]; then
+    end_step "$status" "quick-bench.json (rewritten after each config: partial if cut short)"
+  else
+    end_step "$status" "no quick-bench.json"
+  fi
   if [[ -s "$OUT/quick-bench.json" ]] && ! dry; then
     tool bench-lines "$OUT/quick-bench.json" | sed 's/^/  /' | tee -a "$SUMMARY"
   fi
@@ -260,6 +264,10 @@ stage_sanitize() {
   ensure_build sanitize || { note "sanitize: SKIPPED (no build)"; return 1; }
   local sanitizer tool_name status detail
   sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
+  if ! dry && [[ ! -x "$sanitizer" ]]; then
+    note "sanitize: FAIL (0 s) compute-sanitizer is neither on PATH nor at $sanitizer"
+    return 1
+  fi
   for tool_name in "${SANITIZER_TOOLS[@]}"; do
     begin_step "sanitize:$tool_name"
     # API errors off: torch's own probing calls (cuGetProcAddress and the like) fail by
@@ -295,7 +303,11 @@ stage_bench_full() {
       cp "$WORK/bench-full-$dtype.png" "$LOGS/" 2>/dev/null
       "$PY" bench/bench_icd_loss.py --table "$OUT/bench-full-$dtype.json" >>"$RUNNING_LOG" 2>&1
     fi
-    end_step "$status" "wrote bench-full-$dtype.json (its table is in the log)"
+    if [[ -s "$OUT/bench-full-$dtype.json" ]]; then
+      end_step "$status" "bench-full-$dtype.json (its table is in the log)"
+    else
+      end_step "$status" "no bench-full-$dtype.json (the benchmark writes it at its end)"
+    fi
   done
 }
 
