@@ -179,8 +179,12 @@ def sanitizer_verdict(args) -> bool:
     if kernels:
         line += " in " + ", ".join(kernels[:6]) + (" ..." if len(kernels) > 6 else "")
     line += f"; workload: {done.group(1)}" if done else "; workload did not finish"
+    # With the caching allocator on, memcheck misses small overruns inside its segments.
+    caching_on = done is not None and "caching allocator on" in done.group(1)
+    if caching_on:
+        line += " (NOT a pass: the caching allocator was on)"
     print(line)
-    return errors == 0 and done is not None
+    return errors == 0 and done is not None and not caching_on
 
 
 def bench_lines(args) -> bool:

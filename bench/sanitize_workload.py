@@ -17,7 +17,8 @@ import argparse
 import itertools
 import os
 
-os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+if __name__ == "__main__":  # run as the workload; importing it (the tests) changes nothing
+    os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
 
 import torch  # noqa: E402
 
@@ -154,8 +155,9 @@ def main(argv=None) -> int:
         run_case(*case, device, gen)
         count += 1
     rows = row_range_status(device, gen)
+    caching = "off" if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1" else "on"
     print(f"sanitize workload done: {count} cases on {device.type}, caching allocator "
-          f"{'off' if os.environ['PYTORCH_NO_CUDA_MEMORY_CACHING'] == '1' else 'on'}, {rows}")
+          f"{caching}, {rows}")
     return 0
 
 

@@ -231,6 +231,8 @@ def test_sanitizer_verdict(tmp_path, capsys):
     # A workload that died before its last line is no pass, whatever the count says.
     log.write_text(SANITIZER_CLEAN.replace("sanitize workload done", "Traceback"))
     assert tools.main(["sanitizer-verdict", str(log)]) == 1
+    log.write_text(SANITIZER_CLEAN.replace("allocator off", "allocator on"))
+    assert tools.main(["sanitizer-verdict", str(log)]) == 1
     log.write_text("========= COMPUTE-SANITIZER\n")  # killed before its summary
     assert tools.main(["sanitizer-verdict", str(log)]) == 1
     capsys.readouterr()
