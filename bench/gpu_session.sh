@@ -17,8 +17,9 @@
 #   no-tensor-core-build, about 4 min: a TORCH_CUDA_ARCH_LIST="7.5+PTX" build in a scratch
 #       copy of the tree, whose fp16/bf16/TF32 tests must take the CUDA cores, not the trap
 #
-# A first session: `quick sanitize` (about 9.5 min) in one call; then, if device time is
-# left, `--no-quick bench-full` on the same warm machine (the build is kept between calls).
+# A first session: `bash bench/gpu_session.sh sanitize` (quick, then sanitize: about 9.5 min)
+# in one call; then, if device time is left, `--no-quick bench-full` at once, on the same
+# warm machine (the build is kept between calls). docs/gpu_session.md says more.
 #
 # What comes back from $OUT (default ./gpu-out), within the device tool's rules (at most 8
 # files, named in [A-Za-z0-9._-], at most two folders down):
