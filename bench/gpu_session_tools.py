@@ -38,7 +38,7 @@ def returned_file_problems(entries) -> list:
     total = 0
     for path, size in entries:
         parts = Path(path).parts
-        total += size
+        total += max(size, 0)  # links and other non-files are listed with -1
         bad = [part for part in parts if not RETURNABLE_NAME.match(part)]
         if bad:
             problems.append(f"{path}: {bad[0]!r} has characters outside [A-Za-z0-9._-]")
