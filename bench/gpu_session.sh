@@ -214,6 +214,8 @@ ensure_build() {
     if (( status == 0 )) && ! dry; then
       detail="$(has_arch 2>>"$RUNNING_LOG")"
       status=$?
+      # Registers, spills and shared memory per kernel: the table into the log, one line here.
+      detail="$detail; $(tool ptxas-report "$RUNNING_LOG" 2>>"$RUNNING_LOG")"
     fi
     detail="built for $arch ($detail)"
   fi
@@ -228,8 +230,10 @@ run_tests() {
   local step=$1 cap=$2 root=$3 status detail report="$LOGS/${1//:/-}.xml"
   shift 3
   begin_step "$step"
-  run_step "$cap" env -C "$root" PYTHONPATH="$root" "$PY" -m pytest -q -p no:cacheprovider \
-    --junitxml="$report" "$@"
+  # -v: the log names each test as it ends, so a run cut short still shows how far it got;
+  # a test hanging for 2 minutes gets its traceback dumped.
+  run_step "$cap" env -C "$root" PYTHONPATH="$root" "$PY" -m pytest -v --tb=short \
+    -p no:cacheprovider -o faulthandler_timeout=120 --junitxml="$report" "$@"
   status=$?
   if dry; then
     detail="dry run"

@@ -5,6 +5,7 @@
     python bench/gpu_session_tools.py junit-verdict FILE      # pytest's counts; exit 1 unless clean
     python bench/gpu_session_tools.py sanitizer-verdict LOG   # compute-sanitizer's error count
     python bench/gpu_session_tools.py bench-lines FILE        # one line per quick-bench config
+    python bench/gpu_session_tools.py ptxas-report LOG        # registers and spills per kernel
     python bench/gpu_session_tools.py check-returned DIR      # the device tool's rules for $OUT
 
 Each prints one line (or a few) that the session appends to its summary, and exits 0 for a
@@ -16,6 +17,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
@@ -211,6 +214,56 @@ def bench_lines(args) -> bool:
     return not failed
 
 
+PTXAS_ENTRY = re.compile(r"Compiling entry function '([^']+)' for '(sm_\w+)'")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_USED = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
+
+
+def ptxas_kernels(text: str) -> list:
+    """(arch, kernel, registers, spill bytes, static shared bytes) from an nvcc build log
+    made with -Xptxas -v (setup.py asks for it)."""
+    kernels, current = [], None
+    for line in text.splitlines():
+        entry = PTXAS_ENTRY.search(line)
+        if entry:
+            current = {"kernel": entry.group(1), "arch": entry.group(2), "spill": 0}
+            continue
+        if current is None:
+            continue
+        spills = PTXAS_SPILLS.search(line)
+        if spills:
+            current["spill"] = int(spills.group(1)) + int(spills.group(2))
+        used = PTXAS_USED.search(line)
+        if used:
+            kernels.append((current["arch"], current["kernel"], int(used.group(1)),
+                            current["spill"], int(used.group(2) or 0)))
+            current = None
+    return kernels
+
+
+def ptxas_report(args) -> bool:
+    """Every kernel's registers, spills and shared memory from the build log, then one
+    line: the most registers and which kernels spill."""
+    kernels = ptxas_kernels(Path(args.log).read_text(errors="replace"))
+    if not kernels:
+        print("no ptxas report in the build log (no CUDA compilation in it)")
+        return False
+    names = {kernel: kernel for _, kernel, *_ in kernels}
+    if shutil.which("c++filt"):
+        demangled = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True,
+                                   text=True).stdout.splitlines()
+        if len(demangled) == len(names):
+            names = dict(zip(names, demangled))
+    for arch, kernel, registers, spill, smem in kernels:
+        print(f"  {arch} {registers:>3} registers {spill:>5} spill bytes {smem:>6} smem bytes  "
+              f"{names[kernel][:150]}", file=sys.stderr)
+    arch, kernel, registers, _, _ = max(kernels, key=lambda k: k[2])
+    spilling = [k for k in kernels if k[3] > 0]
+    print(f"ptxas: {len(kernels)} kernels, at most {registers} registers ({arch} "
+          f"{names[kernel][:80]}); " + (f"{len(spilling)} spill" if spilling else "no spills"))
+    return True
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +281,9 @@ def main(argv=None) -> int:
     bench = commands.add_parser("bench-lines")
     bench.add_argument("file")
     bench.set_defaults(run=bench_lines)
+    ptxas = commands.add_parser("ptxas-report")
+    ptxas.add_argument("log")
+    ptxas.set_defaults(run=ptxas_report)
     returned = commands.add_parser("check-returned")
     returned.add_argument("dir")
     returned.add_argument("--written", nargs="*", default=[],

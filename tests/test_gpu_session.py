@@ -311,3 +311,27 @@ def test_bench_lines_report_a_failed_timing_and_fail(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "compile FAILED (RuntimeError: out of memory)" in printed
     assert "fused vs eager 4.00x" in printed
+
+
+def test_ptxas_report_reads_registers_spills_and_shared_memory():
+    log = (ROOT / "tests" / "fixtures" / "ptxas_verbose_sm90.log").read_text()
+    assert tools.ptxas_kernels(log) == [("sm_90", "_Z5scaleIdEvPT_i", 12, 0, 2048),
+                                        ("sm_90", "_Z5scaleIfEvPT_i", 10, 0, 1024)]
+    # A spill in the float kernel only (stores and loads both count).
+    spilled = log.replace("_Z5scaleIfEvPT_i\n    0 bytes stack frame, 0 bytes spill stores, "
+                          "0 bytes spill loads",
+                          "_Z5scaleIfEvPT_i\n    8 bytes stack frame, 8 bytes spill stores, "
+                          "4 bytes spill loads")
+    assert spilled != log
+    assert [k[3] for k in tools.ptxas_kernels(spilled)] == [0, 12]
+
+
+def test_ptxas_report_line(tmp_path, capsys):
+    log = tmp_path / "build.log"
+    log.write_text((ROOT / "tests" / "fixtures" / "ptxas_verbose_sm90.log").read_text())
+    assert tools.main(["ptxas-report", str(log)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("ptxas: 2 kernels, at most 12 registers (sm_90 ") and line.endswith(
+        "no spills")
+    log.write_text("building the CPU kernel only\n")
+    assert tools.main(["ptxas-report", str(log)]) == 1
