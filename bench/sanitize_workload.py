@@ -1,28 +1,169 @@
-"""A small CUDA workload for compute-sanitizer (memcheck, racecheck): the fused forward and
-backward over ragged sizes, every dtype, both exponent paths, strided inputs.
+"""A small workload for compute-sanitizer (memcheck, racecheck, initcheck, synccheck): the
+fused forward and backward over ragged sizes, fp32, fp64, fp16, bf16 and fp32 on the TF32
+tensor cores, both exponent paths (the fixed shift and the online maximum), and inputs in
+every layout the launchers meet, each created on the device as it is (strided, transposed,
+misaligned by one element), so that the non-contiguous paths are the ones sanitized.
 
     compute-sanitizer --tool memcheck python bench/sanitize_workload.py
+
+The caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1, set below before
+torch is imported): inside its large segments memcheck cannot see a small out-of-bounds
+access. Where the build has the row-range operators (torch.ops.icd_fast.icd_forward_rows,
+icd_backward_rows) they run too, on row ranges of the same problems; the last line says
+whether they were there. `--device cpu` runs the same cases on the CPU kernel (a smoke test
+of this script where there is no GPU).
 """
-import torch
+import argparse
+import itertools
+import os
 
-import icd_fast
+if __name__ == "__main__":  # run as the workload; importing it (the tests) changes nothing
+    os.environ["PYTORCH_NO_CUDA_MEMORY_CACHING"] = "1"
+
+import torch  # noqa: E402
+
+import icd_fast  # noqa: E402
+
+SIZES = ((1, 1), (7, 3), (33, 130), (130, 128))
+# (name, dtype, TF32 allowed): fp32 with TF32 takes the tensor cores where sm_80+ code runs.
+PRECISIONS = (("float32", torch.float32, False), ("float64", torch.float64, False),
+              ("float16", torch.float16, False), ("bfloat16", torch.bfloat16, False),
+              ("tf32", torch.float32, True))
+# (log_scale, max_scale): kappa = e under the fixed shift; kappa = e^4 > 32 takes the online max.
+SCALES = ((1.0, 10.0), (4.0, 100.0))
 
 
-def main():
-    gen = torch.Generator().manual_seed(0)
-    for n, d in ((1, 1), (7, 3), (33, 130), (130, 128)):
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for theta, max_scale in ((1.0, 10.0), (4.0, 100.0)):  # fixed shift, online max
-                z_s = torch.randn(n, 2 * d, generator=gen)[:, ::2].to("cuda", dtype)
-                z_t = torch.randn(n, d, generator=gen).to("cuda", dtype)
-                z_s.requires_grad_(), z_t.requires_grad_()
-                th = torch.tensor(theta, device="cuda", requires_grad=True)
-                loss = icd_fast.icd_loss(z_s, z_t, th, max_scale=max_scale, backend="cuda")
-                loss.backward()
+def strided(n, d, dtype, device, gen):
+    """Every other column of a (n, 2d) tensor: row stride 2d, column stride 2."""
+    return torch.randn(n, 2 * d, generator=gen, device=device, dtype=dtype)[:, ::2]
+
+
+def transposed(n, d, dtype, device, gen):
+    """Column-major: the transpose of a contiguous (d, n) tensor."""
+    return torch.randn(d, n, generator=gen, device=device, dtype=dtype).t()
+
+
+def misaligned(n, d, dtype, device, gen):
+    """Contiguous rows starting one element past the allocation: no 16-byte alignment."""
+    return torch.randn(n * d + 1, generator=gen, device=device, dtype=dtype)[1:].view(n, d)
+
+
+def contiguous(n, d, dtype, device, gen):
+    return torch.randn(n, d, generator=gen, device=device, dtype=dtype)
+
+
+LAYOUTS = {"strided": strided, "transposed": transposed, "misaligned": misaligned,
+           "contiguous": contiguous}
+
+
+def cases():
+    """Every precision at every size and scale; the layouts rotate, so that each precision
+    meets each layout at two (size, scale) pairs."""
+    layouts = itertools.cycle(LAYOUTS)
+    for precision in PRECISIONS:
+        for (n, d), (theta, max_scale) in itertools.product(SIZES, SCALES):
+            yield precision, n, d, theta, max_scale, next(layouts)
+
+
+def run_case(precision, n, d, theta, max_scale, layout, device, gen):
+    name, dtype, tf32 = precision
+    make = LAYOUTS[layout]
+    z_s = make(n, d, dtype, device, gen).requires_grad_()
+    z_t = make(n, d, dtype, device, gen).requires_grad_()
+    # A Python number for the scale in the contiguous cases (the operator builds its tensor).
+    th = theta if layout == "contiguous" else torch.tensor(theta, device=device, requires_grad=True)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        loss, ce, kl = icd_fast.icd_loss(z_s, z_t, th, max_scale=max_scale,
+                                         backend=device.type, return_parts=True)
+        # Different upstream weights on the loss and its parts reach every gradient term.
+        (loss + 0.5 * ce - 0.25 * kl).backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    grads = [z_s.grad, z_t.grad] + ([th.grad] if isinstance(th, torch.Tensor) else [])
+    where = f"{name} N={n} D={d} theta={theta} {layout}"
+    assert torch.isfinite(loss), f"non-finite loss at {where}"
+    assert all(bool(torch.isfinite(g).all()) for g in grads), f"non-finite gradient at {where}"
+
+
+# The row-range operators' arguments, by the names their schemas may give them: the full
+# problem's icd_forward outputs stand for the gathered features and statistics.
+ROW_BEGIN_NAMES = ("begin", "row_begin", "start", "row_start", "first_row")
+ROW_COUNT_NAMES = ("count", "row_count", "rows", "num_rows", "length")
+
+
+def bind(schema, values):
+    """Arguments for an op from its schema's names; None where a name is unknown."""
+    args = []
+    for argument in schema.arguments:
+        if argument.name in values:
+            args.append(values[argument.name])
+        elif argument.has_default_value():
+            break
+        else:
+            return None
+    return args
+
+
+def row_range_status(device, gen, ops=None) -> str:
+    """Runs icd_forward_rows / icd_backward_rows (of the namespace ``ops``, by default
+    torch.ops.icd_fast) on row ranges where the build has them."""
+    ops = ops if ops is not None else torch.ops.icd_fast
+    if not (hasattr(ops, "icd_forward_rows") and hasattr(ops, "icd_backward_rows")):
+        return "row-range ops absent from this build (not sanitized)"
+    runs = 0
+    for _, dtype, _ in PRECISIONS[:4]:
+        n, d, alpha, max_scale = 130, 128, 0.5, 10.0
+        z_s, z_t = strided(n, d, dtype, device, gen), transposed(n, d, dtype, device, gen)
+        log_scale = torch.tensor(1.0, device=device)
+        full = torch.ops.icd_fast.icd_forward(z_s, z_t, log_scale, alpha, max_scale)
+        for begin, count in ((0, n), (0, 1), (31, 33), (n - 5, 5)):
+            values = {"z_s": z_s, "z_t": z_t, "log_scale": log_scale, "alpha": alpha,
+                      "max_scale": max_scale, "unit": full[-2], "norms": full[-1],
+                      "row_lse": full[3], "col_lse": full[4], "row_kl": full[5],
+                      "grad_loss": torch.tensor(1.0, device=device),
+                      "grad_ce": torch.tensor(0.5, device=device),
+                      "grad_kl": torch.tensor(-0.25, device=device), "grad_dtype": dtype,
+                      "n": n, "total_rows": n}
+            values.update({key: begin for key in ROW_BEGIN_NAMES})
+            values.update({key: count for key in ROW_COUNT_NAMES})
+            schemas = [op.default._schema for op in (ops.icd_forward_rows, ops.icd_backward_rows)]
+            bound = [bind(schema, values) for schema in schemas]
+            if any(args is None for args in bound):
+                unknown = next(str(s) for s, a in zip(schemas, bound) if a is None)
+                return f"row-range ops present but not run: schema not known here ({unknown})"
+            ops.icd_forward_rows(*bound[0])
+            ops.icd_backward_rows(*bound[1])
+            if device.type == "cuda":
                 torch.cuda.synchronize()
-                assert torch.isfinite(loss), (n, d, dtype, theta)
-    print("sanitize workload done")
+            runs += 1
+    return f"row-range ops ran {runs} ranges"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    gen = torch.Generator(device=device).manual_seed(0)
+    count = 0
+    for case in cases():
+        run_case(*case, device, gen)
+        count += 1
+    try:
+        rows = row_range_status(device, gen)
+    except Exception as error:  # noqa: BLE001  (arguments bound by name may not fit them)
+        rows = f"row-range ops present, but the call failed: {type(error).__name__}: {error}"[:300]
+    caching = "off" if os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1" else "on"
+    print(f"sanitize workload done: {count} cases on {device.type}, caching allocator "
+          f"{caching}, {rows}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
