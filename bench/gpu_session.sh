@@ -249,7 +249,7 @@ stage_quick() {
     note "quick:bench: SKIPPED (no build)"
     return 1
   fi
-  run_tests quick:tests 240 "$PWD" tests/test_cuda.py
+  run_tests quick:tests 240 "$PWD" tests/test_cuda.py tests/test_blockwise_cuda.py
   begin_step quick:bench
   wrote "$OUT/quick-bench.json"
   run_step 240 "$PY" bench/bench_gpu_quick.py --out "$OUT/quick-bench.json"
