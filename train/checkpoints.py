@@ -16,7 +16,8 @@ One function, `extract_state_dict`, finds a model's weights in whatever layout t
 - bare state dicts, torchvision's ImageNet weight files among them;
 - keys under the wrappers' prefixes: `module.` (DataParallel, DDP), `_orig_mod.`
   (torch.compile), `student.` (a distiller's student among its other modules);
-- files saved before batch norm had `num_batches_tracked` (torch < 0.4.1).
+- files saved before batch norm had `num_batches_tracked` (torch < 0.4.1);
+- `.safetensors` files (timm's and Hugging Face's weights), which hold tensors only.
 """
 from __future__ import annotations
 
@@ -52,6 +53,8 @@ BATCH_COUNTER = "num_batches_tracked"
 
 KEYS_SHOWN = 5  # keys named in a mismatch error
 
+SAFETENSORS_SUFFIX = ".safetensors"  # a format of tensors only: nothing to unpickle
+
 
 class UntrustedCheckpoint(ValueError):
     """A checkpoint whose unpickling needs a global outside the allow-list."""
@@ -67,6 +70,8 @@ def read_checkpoint(path, trust: bool = False, map_location="cpu"):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _read_safetensors(path, map_location)
     if trust:
         return torch.load(path, map_location=map_location, weights_only=False)
     try:
@@ -83,6 +88,17 @@ def read_checkpoint(path, trust: bool = False, map_location="cpu"):
             f"with weights_only=False at your own risk.") from None
     except (RuntimeError, EOFError) as error:  # truncated, empty, not a torch.save file
         raise _unreadable(path, error) from error
+
+
+def _read_safetensors(path: Path, map_location) -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(map_location))
+    except SafetensorError as error:
+        raise ValueError(f"checkpoint {path} cannot be read: not a safetensors file, or a "
+                         f"damaged one ({error})") from error
 
 
 def _unreadable(path, error: Exception) -> ValueError:

@@ -2,8 +2,8 @@
 
 `build_model(name, num_classes, in_channels)` knows the CIFAR zoo of the distillation
 literature (key- and computation-compatible with the CRD benchmark's definitions, so its
-published checkpoints and mdistiller's load), MobileNet V1 for ImageNet, and, with a `tv_`
-prefix, torchvision's models. `feature_points` returns a model's stem, stage and pooled
+published checkpoints and mdistiller's load), MobileNet V1 for ImageNet, with a `tv_`
+prefix torchvision's models, and with a `timm_` prefix any model of timm (timm_models.py). `feature_points` returns a model's stem, stage and pooled
 features; `FeatureTap` records the penultimate feature of any model whose last layer is an
 nn.Linear, by a forward hook: no model needs to be written for distillation.
 """
@@ -15,6 +15,7 @@ from torch import nn
 
 from . import cifar_resnet, mobilenet_v1, mobilenetv2, resnet50, shufflenet, vgg, wrn
 from .points import FeatureTap, classifier_layer, feature_points, feature_taps, penultimate_tap
+from .timm_models import PREFIX as TIMM_PREFIX, build_timm_model
 
 __all__ = ["build_model", "model_names", "feature_points", "feature_taps", "FeatureTap",
            "classifier_layer", "penultimate_tap", "CIFAR_MODELS", "IMAGENET_MODELS"]
@@ -41,4 +42,7 @@ def build_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
         if in_channels != 3:
             raise ValueError(f"torchvision models take 3 input channels, got {in_channels}")
         return torchvision.models.get_model(name[3:], weights=None, num_classes=num_classes)
-    raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}")
+    if name.startswith(TIMM_PREFIX):
+        return build_timm_model(name[len(TIMM_PREFIX):], num_classes, in_channels)
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(model_names())}, and "
+                     f"{TIMM_PREFIX}<name> for any model of timm")

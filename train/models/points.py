@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .taps import InputOf, OutputOf, Tap
+from .timm_models import is_timm_model, timm_classifier, timm_feature_taps
 
 
 def _torchvision_resnet_taps(model, preact: bool) -> List[Tap]:
@@ -48,10 +49,13 @@ def feature_taps(model: nn.Module, preact: bool = False) -> List[Tap]:
         model = model.module
     if hasattr(model, "feature_taps"):
         return model.feature_taps(preact)
+    if is_timm_model(model):
+        return timm_feature_taps(model, preact)
     describe = _torchvision_taps().get(type(model))
     if describe is None:
-        raise ValueError(f"no feature points are known for {type(model).__name__}; zoo models "
-                         f"and torchvision's ResNet and MobileNetV2 have them")
+        raise ValueError(f"no feature points are known for {type(model).__name__}; zoo models, "
+                         f"torchvision's ResNet and MobileNetV2 and timm's convolutional "
+                         f"networks have them")
     return describe(model, preact)
 
 
@@ -89,7 +93,10 @@ def feature_points(model: nn.Module, images: torch.Tensor, preact: bool = False
 
 
 def classifier_layer(model: nn.Module) -> nn.Linear:
-    """The model's final nn.Linear (the last one registered), whatever it is called."""
+    """The model's final nn.Linear (the last one registered), whatever it is called; for a
+    timm model, the layer timm names its classifier."""
+    if is_timm_model(model):
+        return timm_classifier(model)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier to tap")
