@@ -24,6 +24,7 @@ from torchdistill.models.registry import register_auxiliary_model_wrapper
 from torchdistill.models.util import wrap_if_distributed
 from torchdistill.models.wrapper import AuxiliaryModelWrapper
 
+from ..distributed import icd_loss_sharded
 from ..functional import icd_loss
 
 __all__ = ["ICDLoss", "ICDScaleParams", "Linear4ICD"]
@@ -132,11 +133,17 @@ class ICDLoss(nn.Module):
         max_scale: clamp of exp(theta).
         backend: ``icd_fast.icd_loss``'s backend; ``"auto"`` picks the fused kernel of the
             features' device.
+        sharded: in a distributed run, each process's rows are contrasted with every
+            process's (the global batch, as one process would) through
+            :func:`icd_fast.icd_loss_sharded`, whose gradient convention matches DDP's
+            averaging; False contrasts each process's own batch only. Without a process
+            group both are ``icd_loss``.
     """
 
     def __init__(self, student_embed_module_path: str = "embed",
                  teacher_embed_module_path: str = "embed", params_module_path: str = "params",
-                 alpha: float = 0.5, max_scale: float = 10.0, backend: str = "auto"):
+                 alpha: float = 0.5, max_scale: float = 10.0, backend: str = "auto",
+                 sharded: bool = True):
         super().__init__()
         self.student_embed_module_path = student_embed_module_path
         self.teacher_embed_module_path = teacher_embed_module_path
@@ -144,6 +151,7 @@ class ICDLoss(nn.Module):
         self.alpha = alpha
         self.max_scale = max_scale
         self.backend = backend
+        self.sharded = sharded
 
     def forward(self, student_io_dict, teacher_io_dict, *args, **kwargs):
         z_s = _hooked_output(student_io_dict, self.student_embed_module_path, "student",
@@ -152,8 +160,10 @@ class ICDLoss(nn.Module):
                              "its projection head")
         log_scale, bias = _hooked_output(student_io_dict, self.params_module_path, "student",
                                          "theta and b")
-        return icd_loss(z_s, z_t, log_scale, bias, alpha=self.alpha, max_scale=self.max_scale,
-                        backend=self.backend)
+        loss = icd_loss_sharded if self.sharded else icd_loss
+        return loss(z_s, z_t, log_scale, bias, alpha=self.alpha, max_scale=self.max_scale,
+                    backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, max_scale={self.max_scale}, backend={self.backend!r}"
+        return (f"alpha={self.alpha}, max_scale={self.max_scale}, backend={self.backend!r}, "
+                f"sharded={self.sharded}")
