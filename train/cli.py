@@ -55,7 +55,7 @@ from .figures.tables import write_table_files
 from .probe import probe_checkpoint
 from .recipes import INIT_STAGE_EPOCHS
 from .results import collect_tables, results_tables
-from .runs import run_config
+from .runs import TEACHER_CHECKPOINTS, run_config
 from .teachers import PUBLISHED_LAYOUT, load_teacher
 from .training import loss_weight_options, run_training
 
@@ -231,6 +231,11 @@ def main(argv=None) -> int:
         p.add_argument("--runs", default="./runs", help="folder of all runs (teachers included)")
         teacher_sources(p, required=False)  # neither: the teacher is trained first
         p.add_argument("--teacher-epochs", type=int, help="override the teacher's epochs")
+        p.add_argument("--teacher-epoch", default="final", choices=list(TEACHER_CHECKPOINTS),
+                       help="which checkpoint of the teacher `run` trained is distilled from: "
+                            "its final epoch (default, as the CRD benchmark's published "
+                            "teachers), or its epoch of best test accuracy (selected on the "
+                            "test split the tables report)")
         p.add_argument("--stl10-data", default="./data", help="STL-10 root (transfer configs)")
         p.add_argument("--tiny-imagenet-data", default="./data/tiny-imagenet-200",
                        help="Tiny-ImageNet image folders (transfer configs)")
