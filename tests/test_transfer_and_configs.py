@@ -199,3 +199,18 @@ def test_every_imagenet_config_builds_its_distiller_and_takes_a_step(name, image
         if logits is not None:
             assert logits.shape == (4, 10)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+@pytest.mark.parametrize("choice, expected", [(None, "last.pt"), ("final", "last.pt"),
+                                              ("best-on-test", "best.pt")])
+def test_run_distils_from_the_teachers_final_epoch_unless_told(choice, expected, tmp_path,
+                                                               monkeypatch):
+    from train import runs
+
+    loaded = []
+    monkeypatch.setattr(runs, "load_data", lambda *a: None)
+    monkeypatch.setattr(runs, "run_training", lambda *a, **k: None)
+    monkeypatch.setattr(runs, "load_teacher", lambda name, data, ckpt, *a: loaded.append(ckpt))
+    option = [] if choice is None else ["--teacher-epoch", choice]
+    assert main(["run", "cifar100/resnet56-resnet20/kd", "--runs", str(tmp_path), *option]) == 0
+    assert loaded == [tmp_path / "cifar100" / "teacher-resnet56" / expected]
