@@ -9,10 +9,12 @@
     linear-probe   transfer: a linear classifier on a frozen checkpoint's features (STL-10,
                    Tiny-ImageNet)
     configs        list the configs, one per row of the paper's tables and method
-    run            run one config: the teacher (trained first when its checkpoint is
-                   missing), the student, and for transfer configs the linear probes
-    results        the tables, from the finished runs (mean +- std over seeds); with --out
-                   also as Markdown files and bar charts
+    run            run one config: the teacher (trained first when its run is missing;
+                   its final epoch is distilled from), the student, and for transfer
+                   configs the linear probes of the student and (once) of the teacher
+    results        the tables, from the finished runs (mean +- std over seeds) beside the
+                   paper's values, and its headline (relative improvement over KD); with
+                   --out also as Markdown files and bar charts
     sweep          run one config over a grid of one loss weight and seeds; plot top-1
                    against it (the paper's Figure 2)
     correlation    |C_teacher - C_student| of the class-logit correlation matrices on a
