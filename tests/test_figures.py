@@ -283,3 +283,13 @@ def test_run_labels_come_from_the_folder_names_or_the_recorded_run_plan(tmp_path
                                 "icd_kd"]
     assert [r.model for r in runs] == ["wrn_40_1"] * 3 + ["wrn_40_2", None]
     assert runs[0].teacher == "wrn_40_2"
+
+
+def test_the_lambda_grid_spans_the_papers_range_on_a_log_axis():
+    from train.figures.sweep import SWEEP_PARAMETERS, spans_decades
+
+    # The paper tests lambda from 0.1 to 100 and names 50 and 100 (collapse) and 0.5 to 1.
+    for name in ("lambda", "kd-weight"):
+        grid = SWEEP_PARAMETERS[name].grid
+        assert (min(grid), max(grid)) == (0.1, 100) and {0.5, 1, 50, 100} <= set(grid)
+        assert spans_decades(grid)

@@ -294,3 +294,86 @@ def test_ddp_leaves_the_init_stages_frozen_teacher_buffers_out_of_its_broadcasts
     skipped = engine.buffers_not_broadcast(distiller.init_stage())
     teacher_buffers = [f"distiller.teacher.{n}" for n, _ in teacher.named_buffers()]
     assert teacher_buffers and sorted(skipped) == sorted(teacher_buffers)
+
+
+# The CRD benchmark's get_feat_modules() per architecture (HobbitLong/RepDistiller,
+# models/resnet.py, resnetv2.py, wrn.py, vgg.py, mobilenetv2.py, ShuffleNetv1.py,
+# ShuffleNetv2.py): what its AB and FSP initialisation stages train, in train mode, while the
+# rest of the student is in eval mode (helper/pretrain.py: model_s.eval(), init_modules.train()).
+REFERENCE_FEATURE_MODULES = {
+    "resnet20": ("conv1", "bn1", "relu", "layer1", "layer2", "layer3"),
+    "resnet8x4": ("conv1", "bn1", "relu", "layer1", "layer2", "layer3"),
+    "ResNet50": ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4"),
+    "wrn_16_2": ("conv1", "block1", "block2", "block3"),
+    "vgg8": ("block0", "pool0", "block1", "pool1", "block2", "pool2", "block3", "pool3",
+             "block4", "pool4"),
+    "MobileNetV2": ("conv1", "blocks"),
+    "ShuffleV1": ("conv1", "bn1", "layer1", "layer2", "layer3"),
+    "ShuffleV2": ("conv1", "bn1", "layer1", "layer2", "layer3"),
+}
+
+
+def under(name, prefixes):
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("method", ["ab", "fsp"])
+@pytest.mark.parametrize("student_name", sorted(REFERENCE_FEATURE_MODULES))
+def test_init_stage_trains_what_the_reference_trains_with_the_rest_in_eval_mode(
+        method, student_name):
+    torch.manual_seed(0)
+    student, teacher = build_model(student_name, 100), build_model(student_name, 100)
+    distiller = build_distiller(method, student, teacher, example_images=torch.zeros(2, 3, 32, 32))
+    stage = distiller.init_stage()
+    stage.train()
+    reference = REFERENCE_FEATURE_MODULES[student_name]
+    trained = {id(p) for p in stage.trainable_parameters()}
+    for name, p in student.named_parameters():
+        assert (id(p) in trained) == under(name, reference), name
+    for name, module in student.named_modules():  # every module that holds state
+        holds_state = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        if name and holds_state:
+            assert module.training == under(name, reference), name
+    assert not any(m.training for m in teacher.modules())
+    if method == "ab":  # the connectors train too, in train mode
+        assert all(id(p) in trained for p in distiller.criterion.parameters())
+        assert all(m.training for m in distiller.criterion.modules())
+    assert len(trained) == len(stage.trainable_parameters())
+    stage.eval()
+    assert not any(m.training for m in distiller.modules())
+
+
+def test_wrn_students_final_bn_stays_frozen_in_the_ab_init_stage():
+    """The issue's case: wrn_40_2 -> wrn_16_2, AB's initialisation stage normalised with and
+    trained the student's final bn1, which the reference keeps in eval mode, out of the
+    optimiser; one step of the stage leaves it untouched and its loss is the loss of the
+    student in eval mode but for the feature modules."""
+    torch.manual_seed(0)
+    student, teacher = build_model("wrn_16_2", 100), build_model("wrn_40_2", 100)
+    distiller = build_distiller("ab", student, teacher, example_images=torch.zeros(2, 3, 32, 32))
+    stage = distiller.init_stage()
+    images = torch.randn(8, 3, 32, 32)
+    bn1 = copy.deepcopy(student.bn1.state_dict())
+    block_bn = student.block1.layer[0].bn1.running_mean.clone()
+
+    expected_student = copy.deepcopy(student).eval()
+    for name in REFERENCE_FEATURE_MODULES["wrn_16_2"]:
+        getattr(expected_student, name).train()
+    criterion = copy.deepcopy(distiller.criterion).train()
+    with torch.no_grad():
+        t_points, _ = feature_points(teacher.eval(), images, preact=True)
+        s_points, _ = feature_points(expected_student, images, preact=True)
+        expected = criterion(s_points, t_points)
+
+    stage.train()
+    optimizer = torch.optim.SGD(stage.trainable_parameters(), lr=0.1, momentum=0.9)
+    _, losses = stage(images, torch.zeros(8, dtype=torch.long))
+    assert torch.allclose(losses["ab_init"], expected, rtol=1e-5)
+    optimizer.zero_grad()
+    losses["ab_init"].backward()
+    optimizer.step()
+    for key, value in student.bn1.state_dict().items():
+        assert torch.equal(value, bn1[key]), key
+    assert not torch.equal(student.block1.layer[0].bn1.running_mean, block_bn)
+    assert all(id(p) not in {id(q) for q in stage.trainable_parameters()}
+               for p in student.bn1.parameters())

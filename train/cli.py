@@ -9,10 +9,12 @@
     linear-probe   transfer: a linear classifier on a frozen checkpoint's features (STL-10,
                    Tiny-ImageNet)
     configs        list the configs, one per row of the paper's tables and method
-    run            run one config: the teacher (trained first when its checkpoint is
-                   missing), the student, and for transfer configs the linear probes
-    results        the tables, from the finished runs (mean +- std over seeds); with --out
-                   also as Markdown files and bar charts
+    run            run one config: the teacher (trained first when its run is missing;
+                   its final epoch is distilled from), the student, and for transfer
+                   configs the linear probes of the student and (once) of the teacher
+    results        the tables, from the finished runs (mean +- std over seeds) beside the
+                   paper's values, and its headline (relative improvement over KD); with
+                   --out also as Markdown files and bar charts
     sweep          run one config over a grid of one loss weight and seeds; plot top-1
                    against it (the paper's Figure 2)
     correlation    |C_teacher - C_student| of the class-logit correlation matrices on a
@@ -55,7 +57,7 @@ from .figures.tables import write_table_files
 from .probe import probe_checkpoint
 from .recipes import INIT_STAGE_EPOCHS
 from .results import collect_tables, results_tables
-from .runs import run_config
+from .runs import TEACHER_CHECKPOINTS, run_config
 from .teachers import PUBLISHED_LAYOUT, load_teacher
 from .training import loss_weight_options, run_training
 
@@ -231,6 +233,11 @@ def main(argv=None) -> int:
         p.add_argument("--runs", default="./runs", help="folder of all runs (teachers included)")
         teacher_sources(p, required=False)  # neither: the teacher is trained first
         p.add_argument("--teacher-epochs", type=int, help="override the teacher's epochs")
+        p.add_argument("--teacher-epoch", default="final", choices=list(TEACHER_CHECKPOINTS),
+                       help="which checkpoint of the teacher `run` trained is distilled from: "
+                            "its final epoch (default, as the CRD benchmark's published "
+                            "teachers), or its epoch of best test accuracy (selected on the "
+                            "test split the tables report)")
         p.add_argument("--stl10-data", default="./data", help="STL-10 root (transfer configs)")
         p.add_argument("--tiny-imagenet-data", default="./data/tiny-imagenet-200",
                        help="Tiny-ImageNet image folders (transfer configs)")

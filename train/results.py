@@ -1,8 +1,9 @@
 """`results`: the paper's tables from the run folders of `run`: the final test top-1 of each
-seed's run, mean +- std over seeds, beside the paper's published value
+seed's run, mean +- std over seeds, beside the value the ICD paper prints
 (train/published_results.json), in the paper's layout: one column per teacher/student
 pair, one row per method (the teacher first), every cell of the table shown, those not run
-marked as such.
+marked as such; then the paper's headline metric, the average relative improvement over KD,
+from the measured runs and from the paper's values.
 
 `collect_tables` gives the tables as data (`ResultTable`), for the printout here and for
 anything else that reports them (Markdown files, figures)."""
@@ -13,12 +14,12 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
-from .configs import CONFIGS, TABLE_METHODS, TABLES
+from .configs import CONFIGS, TABLE_METHODS, TABLES, applies
 from .engine import read_run_plan
-from .published import NOT_APPLICABLE, published_value
-from .runs import run_folder_name, teacher_run_folder
+from .published import published_headline, published_number
+from .runs import run_folder_name, teacher_probe_file, teacher_run_folder
 
 TEACHER = "teacher"  # the column (printed as the first row) of the teachers' own accuracy
 
@@ -46,8 +47,8 @@ class ResultTable:
     # "teacher", then the table's methods ("method transfer-set" for linear probes)
     columns: List[str]
     cells: Dict[Tuple[str, str], Cell]  # (row, column) -> cell; absent: never run
-    # (row, column) -> the paper's value: a float, None (not recorded) or "n/a"
-    published: Dict[Tuple[str, str], Union[float, str, None]] = field(default_factory=dict)
+    # (row, column) -> the paper's value: a float, or None where it reports none
+    published: Dict[Tuple[str, str], Optional[float]] = field(default_factory=dict)
     not_applicable: Set[Tuple[str, str]] = field(default_factory=set)  # no config
 
     @property
@@ -76,12 +77,20 @@ def pair_label(teacher: str, student: str) -> str:
     return f"{teacher} -> {student}"
 
 
+def _transfer_sets(table: str) -> Tuple[str, ...]:
+    return next((c.transfer_sets for c in CONFIGS.values() if c.table == table), ())
+
+
 def _table_columns(table: str) -> List[str]:
-    columns = [TEACHER]
-    transfer_sets = next((c.transfer_sets for c in CONFIGS.values() if c.table == table), ())
-    for method in TABLE_METHODS[table]:
-        columns += [method] + [f"{method} {s}" for s in transfer_sets]
+    columns = []
+    for method in (TEACHER, *TABLE_METHODS[table]):
+        columns += [method] + [f"{method} {s}" for s in _transfer_sets(table)]
     return columns
+
+
+def _column_method(column: str) -> str:
+    """The method of a column ("kd stl10" -> "kd")."""
+    return column.split(" ")[0]
 
 
 def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
@@ -103,9 +112,15 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
                 cells.setdefault((config.table, pair, column), Cell()).measured.append(value)
     for table, (dataset, pairs) in TABLES.items():
         for teacher, student in pairs:  # the teacher `run` trained for the table's configs
+            pair = pair_label(teacher, student)
             accuracy = final_accuracy(teacher_run_folder(runs, dataset, teacher))
             if accuracy is not None:
-                cells[(table, pair_label(teacher, student), TEACHER)] = Cell([accuracy])
+                cells[(table, pair, TEACHER)] = Cell([accuracy])
+            for transfer_set in _transfer_sets(table):  # probed once per teacher
+                probe_file = teacher_probe_file(runs, dataset, teacher, transfer_set)
+                if probe_file.exists():
+                    cells[(table, pair, f"{TEACHER} {transfer_set}")] = Cell(
+                        [json.loads(probe_file.read_text())["test_acc"]])
     return cells
 
 
@@ -121,13 +136,13 @@ def collect_tables(runs: Path) -> List[ResultTable]:
         for teacher, student in pairs:
             row = pair_label(teacher, student)
             for column in columns:
-                value = published_value(table, teacher, student, column)
+                value = published_number(table, teacher, student, column)
                 result.published[(row, column)] = value
-                if value == NOT_APPLICABLE:
+                if not applies(_column_method(column), teacher, student):
                     result.not_applicable.add((row, column))
                 cell = measured.get((table, row, column))
                 if cell is not None:
-                    cell.published = value if isinstance(value, float) else None
+                    cell.published = value
                     result.cells[(row, column)] = cell
         tables.append(result)
     return tables
@@ -135,7 +150,8 @@ def collect_tables(runs: Path) -> List[ResultTable]:
 
 def format_cell(table: ResultTable, row: str, column: str) -> str:
     """"mean +- std (n) / paper P"; "not run" where no seed finished; "n/a" where the
-    method does not apply; the paper's value is "n/r" where it is not recorded."""
+    method does not apply (no config); the paper's value is "n/r" where it reports none
+    (where it prints n/a, or has no such row)."""
     if (row, column) in table.not_applicable:
         return "n/a"
     cell = table.cells.get((row, column))
@@ -159,8 +175,73 @@ def format_tables(tables: List[ResultTable]) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
+# The paper's headline: its footnote averages over the student models of Tables 1-2.
+HEADLINE_TABLES = ("cifar100-same-family", "cifar100-other-family")
+
+
+def relative_improvement_over_kd(pairs: Iterable[Tuple[float, float, float]]
+                                 ) -> Optional[float]:
+    """The paper's headline metric in percent: the mean over (vanilla, KD, method)
+    accuracies of student models of (Acc_method - Acc_KD) / (Acc_KD - Acc_vanilla); None
+    without pairs. A pair whose KD equals its vanilla has no ratio: an error names it."""
+    ratios = []
+    for vanilla, kd, method in pairs:
+        if kd == vanilla:
+            raise ValueError(f"relative improvement over KD: KD and vanilla are both {kd}; "
+                             f"the ratio is undefined")
+        ratios.append((method - kd) / (kd - vanilla))
+    return 100 * statistics.mean(ratios) if ratios else None
+
+
+@dataclass
+class Headline:
+    method: str
+    measured: Optional[float]  # % from the measured means, over the pairs that have all three
+    measured_pairs: int
+    published: Optional[float]  # % from the paper's values
+    published_pairs: int
+
+
+def headline(tables: List[ResultTable]) -> List[Headline]:
+    """Every method's average relative improvement over KD over the rows of HEADLINE_TABLES,
+    from the measured means (rows where vanilla, KD and the method all finished, and KD's
+    mean differs from vanilla's) and from the paper's values."""
+    rows = [(t, row) for t in tables if t.name in HEADLINE_TABLES for row in t.rows]
+
+    def measured(table, row, column):
+        cell = table.cells.get((row, column))
+        return cell.mean if cell is not None else None
+
+    def triples(value_of, method):
+        found = [tuple(value_of(t, row, c) for c in ("vanilla", "kd", method))
+                 for t, row in rows]
+        return [v for v in found if None not in v]
+
+    methods = [m for m in TABLE_METHODS[HEADLINE_TABLES[0]] if m not in ("vanilla", "kd")]
+    result = []
+    for method in methods:
+        ours = [v for v in triples(measured, method) if v[0] != v[1]]
+        paper = triples(lambda t, row, c: t.published.get((row, c)), method)
+        result.append(Headline(method, relative_improvement_over_kd(ours), len(ours),
+                               relative_improvement_over_kd(paper), len(paper)))
+    return result
+
+
+def format_headline(headlines: List[Headline]) -> str:
+    def value(percent, pairs, missing):
+        return missing if percent is None else f"{percent:.2f} % ({pairs})"
+    claimed = ", ".join(f"{m} {v:.2f} %" for m, v in published_headline().items())
+    lines = ["relative-improvement-over-kd (the paper's headline: mean over the student models "
+             "of Tables 1-2 of (Acc_method - Acc_KD) / (Acc_KD - Acc_vanilla); each cell: "
+             f"percent (pairs); the paper claims {claimed})\n",
+             "| method | ours | paper |", "|---|---|---|"]
+    lines += [f"| {h.method} | {value(h.measured, h.measured_pairs, 'not run')} | "
+              f"{value(h.published, h.published_pairs, 'n/r')} |" for h in headlines]
+    return "\n".join(lines)
+
+
 def results_tables(runs: Path, tables: Optional[List[ResultTable]] = None) -> str:
-    """The printout of `tables` (default: collect_tables(runs))."""
+    """The printout of `tables` (default: collect_tables(runs)), then the headline."""
     tables = collect_tables(runs) if tables is None else tables
     note = "" if any(t.cells for t in tables) else f"no finished runs under {runs}\n\n"
-    return note + format_tables(tables)
+    return note + format_tables(tables) + "\n\n" + format_headline(headline(tables))

@@ -10,7 +10,7 @@ from . import distributed
 from .configs import get_config
 from .data.catalog import load_data
 from .probe import probe_checkpoint
-from .teachers import load_teacher
+from .teachers import load_teacher, published_teacher_file
 from .training import loss_weight_options, run_training
 
 
@@ -44,10 +44,41 @@ def teacher_run_folder(runs: Path, dataset: str, teacher: str) -> Path:
     return runs / dataset / f"teacher-{teacher}"
 
 
+# The checkpoint of its own teacher run that `run` distils from (--teacher-epoch). The CRD
+# benchmark distils from the teacher's final epoch (its published ckpt_epoch_240.pth);
+# picking the epoch of best test accuracy would select the teacher on the test split that the
+# tables then report.
+TEACHER_CHECKPOINTS = {"final": "last.pt", "best-on-test": "best.pt"}
+
+
+def teacher_probe_file(runs: Path, dataset: str, teacher: str, transfer_set: str) -> Path:
+    """A teacher's linear probe on a transfer set, shared by every transfer config with it."""
+    return teacher_run_folder(runs, dataset, teacher) / f"probe-{transfer_set}.json"
+
+
+def probe_teacher_once(runs: Path, dataset: str, teacher: str, ckpt: Path, transfer_set: str,
+                       root, args) -> float:
+    """The teacher checkpoint's probe accuracy: read from its probe file when that file
+    probed the same checkpoint, otherwise probed now and recorded."""
+    probe_file = teacher_probe_file(runs, dataset, teacher, transfer_set)
+    checkpoint = str(Path(ckpt).resolve())
+    if probe_file.exists():
+        recorded = json.loads(probe_file.read_text())
+        if recorded.get("checkpoint") == checkpoint:
+            return recorded["test_acc"]
+    accuracy = probe_checkpoint(teacher, ckpt, transfer_set, root, args)
+    if distributed.is_main():
+        probe_file.parent.mkdir(parents=True, exist_ok=True)
+        probe_file.write_text(json.dumps({"dataset": transfer_set, "test_acc": accuracy,
+                                          "checkpoint": checkpoint}))
+    return accuracy
+
+
 def run_config(args) -> int:
     """Teacher (--teacher-ckpt, the published one of --teachers, or trained first unless
-    its run finished), student, and for transfer configs the linear probes; every stage
-    resumes from its last checkpoint."""
+    its run finished, then its final epoch), student, and for transfer configs the linear
+    probes of the student and of the teacher (once per teacher); every stage resumes from
+    its last checkpoint."""
     config = get_config(args.config)
     args.dataset = config.dataset
     runs = Path(args.runs)
@@ -56,7 +87,8 @@ def run_config(args) -> int:
     if config.method != "vanilla":
         ckpt, teachers = args.teacher_ckpt, args.teachers
         if ckpt is None and teachers is None:  # a finished teacher run resumes to nothing
-            ckpt = teacher_run_folder(runs, config.dataset, config.teacher) / "best.pt"
+            ckpt = (teacher_run_folder(runs, config.dataset, config.teacher)
+                    / TEACHER_CHECKPOINTS[args.teacher_epoch])
             distributed.say(f"teacher {config.teacher}: {ckpt.parent}")
             run_training(args, "vanilla", config.teacher, data, ckpt.parent,
                          epochs=args.teacher_epochs, resume=True)
@@ -68,6 +100,11 @@ def run_config(args) -> int:
                  method_options=options)
     for transfer_set in config.transfer_sets:
         root = args.stl10_data if transfer_set == "stl10" else args.tiny_imagenet_data
+        if teacher is not None:
+            teacher_file = ckpt if teachers is None else published_teacher_file(
+                teachers, config.teacher)
+            probe_teacher_once(runs, config.dataset, config.teacher, teacher_file,
+                               transfer_set, root, args)
         accuracy = probe_checkpoint(config.student, out / "best.pt", transfer_set, root, args)
         if distributed.is_main():
             (out / f"probe-{transfer_set}.json").write_text(json.dumps(

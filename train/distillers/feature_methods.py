@@ -8,11 +8,14 @@ The criteria (train.distillers.criteria) read the feature points of
 
 AB, FT and FSP are two-stage methods, as in the benchmark (helper/pretrain.py): an
 initialisation stage (`init_stage()`, run by train.training for --init-epochs epochs) trains
-  AB:  the connectors and the student's feature layers on the AB loss,
+  AB:  the connectors and the student's feature modules on the AB loss,
   FT:  the paraphraser as an autoencoder of the teacher's last stage (MSE),
-  FSP: the student's feature layers on the FSP loss,
-and the main stage is then CE (+ KD) alone for AB and FSP, CE + beta FT for FT with the
-paraphraser frozen.
+  FSP: the student's feature modules on the FSP loss,
+where the feature modules are what the benchmark's get_feat_modules() lists per architecture
+(train.models.feature_modules); as in the benchmark (helper/pretrain.py: model_s.eval(),
+init_modules.train()), the stage's modules train in train mode and every other module of the
+student stays in eval mode and out of the optimiser. The main stage is then CE (+ KD) alone
+for AB and FSP, CE + beta FT for FT with the paraphraser frozen.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models import classifier_layer, feature_points
+from ..models import feature_modules, feature_points
 from . import Distiller, kd_loss, register
 from .criteria import build_criterion
 
@@ -43,13 +46,6 @@ def example_features(model: nn.Module, example_images: torch.Tensor, preact: boo
         features, _ = feature_points(model, example_images.to(device), preact=preact)
     model.train(was_training)
     return features
-
-
-def feature_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """The student's feature layers: every parameter except its classifier's (the
-    benchmark's get_feat_modules)."""
-    head = {id(p) for p in classifier_layer(model).parameters()}
-    return [p for p in model.parameters() if id(p) not in head]
 
 
 class FeatureMethod(Distiller):
@@ -112,13 +108,14 @@ class FeatureMethod(Distiller):
 
 class InitStage(nn.Module):
     """A two-stage method's first stage, trained by the same loop as any stage: it holds the
-    distiller (student, teacher, criterion) and trains `trainable_parameters()` on
-    `stage_loss`; `student` is evaluated after each epoch like any run's."""
+    distiller (student, teacher, criterion) and trains the parameters of `trained_modules`
+    on `stage_loss`, those modules in train mode and the rest of the distiller in eval mode;
+    `student` is evaluated after each epoch like any run's."""
 
-    def __init__(self, distiller: FeatureMethod, trainable: List[nn.Parameter], stage_loss):
+    def __init__(self, distiller: FeatureMethod, trained_modules: List[nn.Module], stage_loss):
         super().__init__()
         self.distiller = distiller
-        self._trainable = trainable
+        self._trained_modules = list(trained_modules)
         self._stage_loss = stage_loss
 
     @property
@@ -138,10 +135,18 @@ class InitStage(nn.Module):
         return tuple(f"distiller.{name}" for name in self.distiller.replicated_buffers)
 
     def trainable_parameters(self) -> List[nn.Parameter]:
-        return list(self._trainable)
+        seen, params = set(), []
+        for module in self._trained_modules:
+            for p in module.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+        return params
 
     def train(self, mode: bool = True):
-        self.distiller.train(mode)  # keeps the teacher in eval mode
+        self.distiller.train(False)  # the teacher, and what the stage does not train
+        for module in self._trained_modules:
+            module.train(mode)
         self.training = mode
         return self
 
@@ -180,8 +185,8 @@ class AB(FeatureMethod):
         super().__init__(student, teacher, example_images, gamma, lam, None, temperature)
 
     def init_stage(self):
-        return InitStage(self, list(self.criterion.parameters()) +
-                         feature_parameters(self.student), self.criterion_loss)
+        return InitStage(self, [self.criterion, *feature_modules(self.student)],
+                         self.criterion_loss)
 
 
 @register("fsp")
@@ -196,7 +201,7 @@ class FSP(FeatureMethod):
         super().__init__(student, teacher, example_images, gamma, lam, None, temperature)
 
     def init_stage(self):
-        return InitStage(self, feature_parameters(self.student), self.criterion_loss)
+        return InitStage(self, feature_modules(self.student), self.criterion_loss)
 
 
 @register("ft")
@@ -214,4 +219,4 @@ class FT(FeatureMethod):
         return self.criterion.reconstruction_loss(t_features)
 
     def init_stage(self):
-        return InitStage(self, list(self.criterion.paraphraser.parameters()), self._init_loss)
+        return InitStage(self, [self.criterion.paraphraser], self._init_loss)

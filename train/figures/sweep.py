@@ -25,14 +25,15 @@ class SweepParameter:
     symbol: str  # its name on the figure's axis
 
 
+LAMBDA_GRID = (0.1, 0.5, 1, 2, 5, 10, 50, 100)
 SWEEP_PARAMETERS: Dict[str, SweepParameter] = {
     # The paper's grids for alpha (ICD's invariance weight) and beta (ICD's weight).
     "alpha": SweepParameter("alpha", (0.01, 0.1, 0.3, 0.5, 0.7, 1, 2, 5), r"$\alpha$"),
     "beta": SweepParameter("beta", (0.1, 0.5, 1, 2, 5, 10, 50, 100), r"$\beta$"),
-    # The paper gives no lambda grid: 0 (ICD alone) to 2 in even steps, through 1 (ICD+KD's
-    # default), on a linear axis since it starts at 0.
-    "lambda": SweepParameter("kd_weight", (0, 0.25, 0.5, 0.75, 1, 1.5, 2), r"$\lambda$"),
-    "kd-weight": SweepParameter("kd_weight", (0, 0.25, 0.5, 0.75, 1, 1.5, 2), r"$\lambda$"),
+    # lambda (the KD weight): the paper tests 0.1 to 100 (50 and 100 collapse training, 0.5
+    # to 1 perform alike) without listing its values; its beta grid spans the same range.
+    "lambda": SweepParameter("kd_weight", LAMBDA_GRID, r"$\lambda$"),
+    "kd-weight": SweepParameter("kd_weight", LAMBDA_GRID, r"$\lambda$"),
     "gamma": SweepParameter("gamma", (0.1, 0.5, 1, 2, 5), r"$\gamma$"),
 }
 

@@ -14,11 +14,12 @@ from typing import Callable, Dict
 from torch import nn
 
 from . import cifar_resnet, mobilenet_v1, mobilenetv2, resnet50, shufflenet, vgg, wrn
-from .points import FeatureTap, classifier_layer, feature_points, feature_taps, penultimate_tap
+from .points import (FeatureTap, classifier_layer, feature_modules, feature_points, feature_taps,
+                     penultimate_tap)
 from .timm_models import PREFIX as TIMM_PREFIX, build_timm_model
 
-__all__ = ["build_model", "model_names", "feature_points", "feature_taps", "FeatureTap",
-           "classifier_layer", "penultimate_tap", "CIFAR_MODELS", "IMAGENET_MODELS"]
+__all__ = ["build_model", "model_names", "feature_modules", "feature_points", "feature_taps",
+           "FeatureTap", "classifier_layer", "penultimate_tap", "CIFAR_MODELS", "IMAGENET_MODELS"]
 
 CIFAR_MODELS: Dict[str, Callable[..., nn.Module]] = {
     **cifar_resnet.MODELS, **resnet50.MODELS, **wrn.MODELS, **vgg.MODELS, **mobilenetv2.MODELS,

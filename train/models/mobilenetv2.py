@@ -33,6 +33,8 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
+    # The reference's get_feat_modules(): the final 1x1 convolution conv2 is not among them.
+    feature_module_names = ("conv1", "blocks")
     # (expansion, channels at width 1, blocks, stride of the first block): one group each
     SETTING = ((1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                (6, 160, 3, 2), (6, 320, 1, 1))

@@ -92,6 +92,22 @@ def feature_points(model: nn.Module, images: torch.Tensor, preact: bool = False
     return values, logits
 
 
+def feature_modules(model: nn.Module) -> List[nn.Module]:
+    """The student modules that a two-stage method's initialisation stage trains: what the
+    CRD benchmark's get_feat_modules() lists for the architecture. A model names them in
+    `feature_module_names` where the reference leaves out more than the classifier (a WRN's
+    final bn1, MobileNetV2's and ShuffleV2's last convolution); otherwise they are its
+    top-level modules other than the one holding the classifier."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    names = getattr(model, "feature_module_names", None)
+    if names is not None:
+        return [getattr(model, name) for name in names]
+    head = classifier_layer(model)
+    return [child for child in model.children()
+            if not any(m is head for m in child.modules())]
+
+
 def classifier_layer(model: nn.Module) -> nn.Linear:
     """The model's final nn.Linear (the last one registered), whatever it is called; for a
     timm model, the layer timm names its classifier."""

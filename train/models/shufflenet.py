@@ -155,6 +155,9 @@ class ShuffleV2Preactivation(Tap):
 
 
 class ShuffleV2(nn.Module):
+    # The reference's get_feat_modules(): the final conv2 and bn2 are not among them.
+    feature_module_names = ("conv1", "bn1", "layer1", "layer2", "layer3")
+
     def __init__(self, num_classes: int = 100, in_channels: int = 3,
                  widths=(116, 232, 464, 1024), blocks=(3, 7, 3)):
         super().__init__()

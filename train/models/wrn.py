@@ -45,6 +45,9 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
+    # The reference's get_feat_modules(): the final bn1 before the head is not among them.
+    feature_module_names = ("conv1", "block1", "block2", "block3")
+
     def __init__(self, depth: int, widen: int, num_classes: int = 100, in_channels: int = 3):
         super().__init__()
         if (depth - 4) % 6 != 0:
