@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from train import engine
 from train.configs import TABLES
+from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
 from train.distillers import DISTILLERS, build_distiller, kd_loss
 from train.distillers.ofd import (margins_from_batch_norm, overhaul_stage_loss,
                                   teacher_margin_norms)
@@ -378,3 +380,38 @@ def test_ofd_builds_and_steps_on_every_table_pair(pair):
 def test_logit_methods_build_and_step_on_the_fixture_pairs(method, pair):
     teacher_name, student_name = pair.split("-")
     take_a_step(method, teacher_name, student_name, "cifar100")
+
+
+def digits_distiller(method, seed):
+    torch.manual_seed(seed)
+    teacher = build_model("resnet8", NUM_CLASSES, in_channels=1)
+    student = build_model("resnet8", NUM_CLASSES, in_channels=1)
+    return build_distiller(method, student, teacher, example_images=torch.zeros(2, 1, 8, 8))
+
+
+def fit_digits(distiller, out_dir, epochs, resume=False):
+    train, test = digits_datasets(image_size=8)
+    train, test = stratified_subset(train, 0.06, 0), stratified_subset(test, 0.1, 0)
+    optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
+    config = engine.TrainConfig(epochs=epochs, batch_size=16, seed=1, out_dir=out_dir)
+    return engine.fit(distiller, train, test, optimizer, None, config, resume=resume)
+
+
+@pytest.mark.parametrize("method", ["ofd", "ipwd"])
+def test_stateful_methods_resume_on_their_trajectory(method, tmp_path):
+    """OFD's teacher running statistics (train-mode teacher) and IPWD's propensity estimate
+    change during training: both are checkpointed, so a resumed run retraces the full one."""
+    torch.use_deterministic_algorithms(True)
+    try:
+        full_distiller = digits_distiller(method, 0)
+        full = fit_digits(full_distiller, tmp_path / "full", epochs=2)
+        fit_digits(digits_distiller(method, 0), tmp_path / "split", epochs=1)
+        resumed_distiller = digits_distiller(method, 99)
+        resumed = fit_digits(resumed_distiller, tmp_path / "split", epochs=2, resume=True)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(full.rows, resumed.rows, strict=True):
+        a.pop("seconds"), b.pop("seconds")
+        assert a == b
+    for key, value in full_distiller.state_dict().items():
+        assert torch.equal(value, resumed_distiller.state_dict()[key]), key
