@@ -204,9 +204,9 @@ class OFD(Distiller):
             raise ValueError(f"OFD: the teacher's margin batch norms "
                              f"{[n.num_features for n in norms]} do not match its stage points "
                              f"{[p.shape[1] for p in t_points]}")
-        self.num_stages = min(len(s_points), len(t_points))
         if any(p.dim() != 4 for p in s_points + t_points):
             raise ValueError("OFD needs (N, C, H, W) stage points from both networks")
+        self.num_stages = min(len(s_points), len(t_points))
         teacher_stages = t_points[len(t_points) - self.num_stages:]
         self.criterion = OverhaulLoss(
             [p.shape[1] for p in s_points[len(s_points) - self.num_stages:]],

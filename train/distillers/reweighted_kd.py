@@ -11,16 +11,19 @@ cross-entropies at T = 1, held constant. The references' setting: T = 2, alpha =
 weight 1.
 
 IPWD (Niu et al., NeurIPS 2022, "Respecting Transfer Gap in Knowledge Distillation") has no
-public code; this is written from the paper's text. The teacher's softened predictions (the
-"machine domain") are imbalanced over the classes of a balanced training set (the paper's
-Figure 1: each class's average teacher probability differs from 1/C), so the KD term of a
-sample is weighted by the inverse of its propensity, estimated per class: q_c, the teacher's
-average probability (at the KD temperature) for class c over every sample seen so far in
-training, and w_i = (1 / q_{y_i}) / mean_c(1 / q_c), normalised so that the weights average 1
-over the classes. A uniform propensity (q_c = 1/C) gives w = 1: plain KD. Losses and weights
-are the CRD benchmark's KD setting (gamma 0.1, lambda 0.9, T 4), so IPWD differs from the
-project's KD only by the weights. Which estimator of the propensity the paper uses beyond
-its class-level description could not be checked against code.
+public code; this is written from the paper's text, of which only the abstract, the
+introduction and its Figure 1 / Table 1 could be read here (not the method section's
+equations). The paper: the teacher's softened predictions (the "machine domain") are
+imbalanced over the classes of a balanced training set (Figure 1: each class's average
+teacher probability differs from 1/C; Table 1: KD helps the teacher's over-predicted classes
+most), and IPWD weighs each sample's distillation by the inverse of its propensity of
+belonging to the machine domain. Here that propensity is estimated per class: q_c, the
+teacher's average probability (at the KD temperature) for class c over every training sample
+seen so far, and w_i = (1 / q_{y_i}) / mean_c(1 / q_c), normalised so that the weights average
+1 over the classes. A uniform propensity (q_c = 1/C) gives w = 1: plain KD. Losses and
+weights are the CRD benchmark's KD setting (gamma 0.1, lambda 0.9, T 4), so IPWD differs from
+the project's KD only by the weights. The estimator is this implementation's reading, not
+checked against the paper's equations or code.
 """
 from __future__ import annotations
 
