@@ -67,7 +67,8 @@ def make_distiller(method, seed=0, teacher=None):
     train = tiny_problem()[0]
     options = FEW_NEGATIVES if issubclass(DISTILLERS[method], CRD) else {}
     return build_distiller(method, student, None if method == "vanilla" else teacher,
-                           num_samples=len(train), labels=dataset_labels(train), **options)
+                           num_samples=len(train), labels=dataset_labels(train),
+                           example_images=train.tensors[0][:2], **options)
 
 
 @pytest.fixture(scope="module")

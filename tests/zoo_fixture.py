@@ -1,5 +1,6 @@
-"""The CRD benchmark's CIFAR zoo as recorded in fixtures/cifar_zoo.json and methods.json
-(see fixtures/README.md), and the deterministic weights those records were computed with."""
+"""The CRD benchmark's CIFAR zoo as recorded in fixtures/cifar_zoo.json, methods.json and
+methods_ofd_wsld.json (see fixtures/README.md), and the deterministic weights those records
+were computed with."""
 from __future__ import annotations
 
 import json
@@ -22,6 +23,12 @@ def cifar_zoo() -> dict:
 @lru_cache(maxsize=None)
 def methods() -> dict:
     with open(os.path.join(FIXTURES, "methods.json")) as f:
+        return json.load(f)
+
+
+@lru_cache(maxsize=None)
+def methods_ofd_wsld() -> dict:
+    with open(os.path.join(FIXTURES, "methods_ofd_wsld.json")) as f:
         return json.load(f)
 
 

@@ -169,7 +169,7 @@ class ICDKD(ICD):
 
 
 # Methods in modules of their own register themselves when imported.
-from . import crd, feature_methods  # noqa: E402
+from . import crd, feature_methods, ofd, reweighted_kd  # noqa: E402
 from .criteria import CRITERIA, build_criterion  # noqa: E402
 
 __all__ = ["CRITERIA", "DISTILLERS", "Distiller", "build_criterion", "build_distiller",
