@@ -263,6 +263,8 @@ def summarize(runs, mem, repeats):
 
 
 def spread(r) -> str:
+    if "both_ms_min" not in r:  # results recorded before the spread was kept
+        return f"{r['both_ms']:.3g}"
     return f"{r['both_ms']:.3g} [{r['both_ms_min']:.3g}-{r['both_ms_max']:.3g}]"
 
 

@@ -9,9 +9,9 @@ largest W, so one rank's share is timed alone on the gathered inputs, which is e
 each rank computes (the collectives move B x 2D features and N x 3 statistics: see
 docs/scaling.md). W = 1 is the plain loss (icd_loss_sharded without a group is icd_loss).
 
-Times are medians of repeats with their min and max; peak memory is the most bytes
-allocated at once above the inputs during one forward + backward, counted by a malloc
-wrapper (the script re-runs itself under it).
+Times are medians of repeats with their min and max, the compared steps interleaved repeat
+by repeat; peak memory is the most bytes allocated at once above the inputs during one
+forward + backward, counted by a malloc wrapper (the script re-runs itself under it).
 
     PYTHONPATH=. python bench/bench_sharded.py                  # writes bench/results/
     PYTHONPATH=. python bench/bench_sharded.py --sizes 2048 --repeats 3   # a quick look
@@ -66,20 +66,26 @@ def whole_step(backend: str, z_s, z_t, theta):
     return z_s.grad
 
 
-def measure(step, repeats: int, counter: AllocationCounter) -> dict:
-    step()  # warm-up
-    gc.collect()
-    start = counter.live()
-    counter.reset_peak()
-    step()
-    peak = counter.peak() - start
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
+def measure(steps: dict, repeats: int, counter: AllocationCounter) -> dict:
+    """Peak bytes of one call of each step, then `repeats` rounds in which every step runs
+    once in turn (interleaved, so that a change of the machine's load falls on all alike)."""
+    results = {}
+    for name, step in steps.items():
+        step()  # warm-up
+        gc.collect()
+        start = counter.live()
+        counter.reset_peak()
         step()
-        times.append(time.perf_counter() - began)
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "samples_s": times, "peak_bytes": peak}
+        results[name] = {"peak_bytes": counter.peak() - start, "samples_s": []}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            began = time.perf_counter()
+            step()
+            results[name]["samples_s"].append(time.perf_counter() - began)
+    for r in results.values():
+        times = r["samples_s"]
+        r.update(median_s=statistics.median(times), min_s=min(times), max_s=max(times))
+    return results
 
 
 def spread(m: dict) -> str:
@@ -107,18 +113,19 @@ def main(argv=None):
     for n in args.sizes:
         repeats = 3 if n >= 32768 else args.repeats
         z_s, z_t, theta = inputs(n, args.dim)
-        today = measure(lambda: whole_step("cpu", z_s, z_t, theta), repeats, counter)
+        steps = {1: lambda: whole_step("cpu", z_s, z_t, theta)}
+        for world in args.worlds:
+            if world > 1:
+                steps[world] = (lambda rows: lambda: share_step(*fused_rows, z_s, z_t, theta,
+                                                                rows))(n // world)
+        measured = measure(steps, repeats, counter)
+        today = measured[1]
         print(f"N {n:>6}: gather-everything (every rank) {spread(today)}, "
               f"peak {today['peak_bytes'] / 2**20:.1f} MiB")
         for world in args.worlds:
-            rows = n // world
-            if world == 1:
-                share = today
-            else:
-                share = measure(lambda: share_step(*fused_rows, z_s, z_t, theta, rows),
-                                repeats, counter)
+            share = measured[world]
             ratio = share["median_s"] / today["median_s"]
-            row = {"n": n, "d": args.dim, "world": world, "rows_per_rank": rows,
+            row = {"n": n, "d": args.dim, "world": world, "rows_per_rank": n // world,
                    "share": share, "gather_everything": today, "ratio": ratio,
                    "target_ratio": TARGET / world,
                    "meets_target": ratio <= TARGET / world if n >= 8192 else None,
@@ -127,11 +134,13 @@ def main(argv=None):
             print(f"  W {world}: per rank {spread(share)}  ratio {ratio:.3f} (target "
                   f"<= {TARGET / world:.3f}, 1.5/W = {1.5 / world:.3f})  peak "
                   f"{share['peak_bytes'] / 2**20:.1f} MiB = {row['peak_in_nd4']:.2f} N*D*4")
-        del z_s, z_t
+        del z_s, z_t, steps
     for n in args.blockwise_sizes:
         z_s, z_t, theta = inputs(n, args.dim)
-        for backend in ("cpu", "blockwise", "reference"):
-            m = measure(lambda: whole_step(backend, z_s, z_t, theta), args.repeats, counter)
+        measured = measure({backend: (lambda b: lambda: whole_step(b, z_s, z_t, theta))(backend)
+                            for backend in ("cpu", "blockwise", "reference")},
+                           args.repeats, counter)
+        for backend, m in measured.items():
             compared.append({"n": n, "d": args.dim, "backend": backend, **m})
             print(f"N {n:>6} {backend:>9}: {spread(m)}  peak {m['peak_bytes'] / 2**20:8.1f} MiB")
     report = {
