@@ -4,7 +4,6 @@ each method's |C_teacher - C_student| of the class-logit correlations on the tes
 first seed's student) and a bar chart of the table."""
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
@@ -16,6 +15,7 @@ from .figures.correlation import (correlation_differences, logit_correlations,
 from .figures.tables import plot_table
 from .models import build_model
 from .results import Cell, ResultTable
+from .stats import mean_and_std
 from .training import train_model
 
 DEMO_METHODS = ("vanilla", "kd", "icd", "icd_kd")
@@ -57,14 +57,13 @@ def demo(args) -> int:
             accs.append(hist.rows[-1]["test_acc"])
             first_students.setdefault(method, student)
         results[method] = accs
-        mean = statistics.mean(accs)
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        mean, std = mean_and_std(accs)
         print(f"{method:>8}: {mean:6.2f} +- {std:4.2f} % top-1 over {len(accs)} seeds "
               f"({time.time() - start:.0f} s)", flush=True)
     print("\n| method | top-1 % (mean +- std) |\n|---|---|")
     for method, accs in results.items():
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {method} | {statistics.mean(accs):.2f} +- {std:.2f} |")
+        mean, std = mean_and_std(accs)
+        print(f"| {method} | {mean:.2f} +- {std:.2f} |")
     demo_figures(args, teacher, first_students, results, test_set)
     print(f"total {time.time() - start:.0f} s")
     return 0

@@ -20,6 +20,7 @@ from .configs import CONFIGS, TABLE_METHODS, TABLES, applies
 from .engine import read_run_plan
 from .published import published_headline, published_number
 from .runs import run_folder_name, teacher_probe_file, teacher_run_folder
+from .stats import mean_and_std
 
 TEACHER = "teacher"  # the column (printed as the first row) of the teachers' own accuracy
 
@@ -31,13 +32,11 @@ class Cell:
 
     @property
     def mean(self) -> Optional[float]:
-        return statistics.mean(self.measured) if self.measured else None
+        return mean_and_std(self.measured)[0]
 
     @property
     def std(self) -> Optional[float]:
-        if not self.measured:
-            return None
-        return statistics.stdev(self.measured) if len(self.measured) > 1 else 0.0
+        return mean_and_std(self.measured)[1]
 
 
 @dataclass

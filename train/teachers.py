@@ -62,5 +62,5 @@ def load_teacher(teacher: str, data, ckpt=None, teachers=None, trust: bool = Fal
                          "--teachers DIR")
     if teachers is not None:
         return load_published_teacher(teachers, teacher, data, trust, device)
-    return load_model(teacher, ckpt, data[2], data[3], trust)
+    return load_model(teacher, ckpt, data.num_classes, data.in_channels, trust)
 

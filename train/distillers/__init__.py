@@ -22,16 +22,12 @@ from torch import nn
 import icd_fast
 
 from ..models import FeatureTap
+from ..registry import registrar
 
 DISTILLERS: Dict[str, Callable[..., "Distiller"]] = {}
 
 
-def register(name: str):
-    def add(cls):
-        DISTILLERS[name] = cls
-        cls.method = name
-        return cls
-    return add
+register = registrar(DISTILLERS, "method")
 
 
 def build_distiller(method: str, student: nn.Module, teacher: Optional[nn.Module] = None,

@@ -22,15 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..registry import registrar
+
 CRITERIA: Dict[str, Callable[..., "Criterion"]] = {}
 
 
-def register(name: str):
-    def add(cls):
-        CRITERIA[name] = cls
-        cls.name = name
-        return cls
-    return add
+register = registrar(CRITERIA, "name")
 
 
 def build_criterion(name: str, student_features: Sequence[torch.Tensor],

@@ -5,7 +5,6 @@ cell."""
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -14,6 +13,7 @@ from .. import distributed
 from ..configs import get_config
 from ..results import final_accuracy
 from ..runs import run_config, run_folder_name
+from ..stats import mean_and_std
 from ..training import loss_weight_options
 from .output import file_stem, pyplot, save_figure
 
@@ -63,11 +63,11 @@ def collect_sweep(args, parameter: SweepParameter, values, seeds) -> List[dict]:
         folders = [cell_folder(args, parameter, value, seed) for seed in seeds]
         runs = [(seed, folder, final_accuracy(folder)) for seed, folder in zip(seeds, folders)]
         top1 = [acc for _, _, acc in runs if acc is not None]
+        mean, std = mean_and_std(top1)
         points.append({
             "value": value, "seeds": [seed for seed, _, acc in runs if acc is not None],
             "top1": top1, "runs": [folder.name for _, folder, acc in runs if acc is not None],
-            "mean": statistics.mean(top1) if top1 else None,
-            "std": (statistics.stdev(top1) if len(top1) > 1 else 0.0) if top1 else None})
+            "mean": mean, "std": std})
     return points
 
 
