@@ -57,7 +57,8 @@ def cell_folder(args, parameter: SweepParameter, value: float, seed: int) -> Pat
 
 
 def collect_sweep(args, parameter: SweepParameter, values, seeds) -> List[dict]:
-    """Per value: the final top-1 of each seed's run that finished an epoch."""
+    """Per value: the final top-1 of each seed's run that finished all its epochs (an
+    interrupted run is not a result: results.final_accuracy)."""
     points = []
     for value in values:
         folders = [cell_folder(args, parameter, value, seed) for seed in seeds]
@@ -82,7 +83,7 @@ def plot_sweep(config: str, name: str, parameter: SweepParameter, points: List[d
     if log_axis:
         ax.set_xscale("log")
     missing = [p["value"] for p in points if p["mean"] is None]
-    if missing:  # cells without a finished epoch are named, not drawn
+    if missing:  # cells without a finished run are named, not drawn
         ax.text(0.01, 0.01, "not run: " + ", ".join(f"{v:g}" for v in missing),
                 transform=ax.transAxes, fontsize=7, color="grey")
     ax.set_xlabel(parameter.symbol)
