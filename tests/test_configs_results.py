@@ -5,7 +5,7 @@ import json
 from helpers import printed_table
 from train.cli import main
 from train.configs import CONFIGS, TABLES
-from train.engine import write_run_plan
+from train.run_folder import write_plan
 from train.published import published_tables
 from train.results import final_accuracy
 
@@ -72,10 +72,10 @@ def finished_run(folder, accuracies):
 def test_an_interrupted_run_is_not_a_result(tmp_path):
     folder = tmp_path / "cifar100__resnet32x4-resnet8x4__kd__seed0"
     finished_run(folder, [50.0, 60.0])
-    write_run_plan(folder, "kd", 5)  # asked for 5 epochs, stopped after 2
+    write_plan(folder, {"method": "kd", "epochs": 5})  # asked for 5 epochs, stopped after 2
     assert final_accuracy(folder) is None
     assert main(["results", "--runs", str(tmp_path)]) == 0
-    write_run_plan(folder, "kd", 2)
+    write_plan(folder, {"method": "kd", "epochs": 2})
     assert final_accuracy(folder) == 60.0
 
 

@@ -8,15 +8,15 @@ marked as such.
 anything else that reports them (Markdown files, figures)."""
 from __future__ import annotations
 
-import csv
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple, Union
 
 from .configs import CONFIGS, TABLE_METHODS, TABLES
-from .engine import read_run_plan
+from .run_folder import RunFolderError, finished_log
 from .published import NOT_APPLICABLE, published_value
 from .runs import run_folder_name, teacher_run_folder
 
@@ -57,19 +57,19 @@ class ResultTable:
 
 def final_accuracy(folder: Path) -> Optional[float]:
     """Test top-1 of a run folder's last epoch, or None while the run has not finished all
-    the epochs its run.json asks for (interrupted runs are not results). Folders without a
-    run.json (written by hand or by older versions) count from their last logged epoch."""
-    log = folder / "log.csv"
-    if not log.exists():
+    the epochs its run.json asks for (interrupted runs are not results)."""
+    rows = finished_log(folder)
+    return rows[-1]["test_acc"] if rows is not None else None
+
+
+def _reported_accuracy(folder: Path) -> Optional[float]:
+    """final_accuracy, with a damaged folder reported on stderr and skipped: one bad folder
+    does not stop the tables."""
+    try:
+        return final_accuracy(folder)
+    except RunFolderError as error:
+        print(f"warning: skipped {folder}: {error}", file=sys.stderr)
         return None
-    with open(log) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return None
-    plan = read_run_plan(folder)
-    if plan is not None and int(float(rows[-1]["epoch"])) + 1 < int(plan.get("epochs", 0)):
-        return None
-    return float(rows[-1]["test_acc"])
 
 
 def pair_label(teacher: str, student: str) -> str:
@@ -89,7 +89,7 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
     cells: Dict[Tuple[str, str, str], Cell] = {}
     for config in CONFIGS.values():
         for folder in sorted(runs.glob(run_folder_name(config.name, "*"))):
-            accuracy = final_accuracy(folder)
+            accuracy = _reported_accuracy(folder)
             if accuracy is None:
                 continue
             pair = pair_label(config.teacher, config.student)
@@ -103,7 +103,7 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
                 cells.setdefault((config.table, pair, column), Cell()).measured.append(value)
     for table, (dataset, pairs) in TABLES.items():
         for teacher, student in pairs:  # the teacher `run` trained for the table's configs
-            accuracy = final_accuracy(teacher_run_folder(runs, dataset, teacher))
+            accuracy = _reported_accuracy(teacher_run_folder(runs, dataset, teacher))
             if accuracy is not None:
                 cells[(table, pair_label(teacher, student), TEACHER)] = Cell([accuracy])
     return cells

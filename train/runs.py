@@ -59,7 +59,7 @@ def run_config(args) -> int:
             ckpt = teacher_run_folder(runs, config.dataset, config.teacher) / "best.pt"
             distributed.say(f"teacher {config.teacher}: {ckpt.parent}")
             run_training(args, "vanilla", config.teacher, data, ckpt.parent,
-                         epochs=args.teacher_epochs, resume=True)
+                         epochs=args.teacher_epochs, resume=True, overwrite=False)
         teacher = load_teacher(config.teacher, data, ckpt, teachers,
                                args.trust_checkpoint, args.device)
     options = loss_weight_options(args)
