@@ -268,8 +268,7 @@ def create(folder) -> bool:
         folder.mkdir(parents=True)
     except FileExistsError:
         if not folder.is_dir():
-            raise RunFolderError(f"run folder {folder} cannot be created: a part of the path "
-                                 f"is a file") from None
+            raise RunFolderError(f"run folder {folder} is a file, not a folder") from None
         return False
     except OSError as error:
         raise _io_error("create the run folder", folder, error) from None
@@ -415,8 +414,8 @@ def check_can_train(folder, plan: dict, resume: bool, overwrite: bool) -> None:
 @contextmanager
 def training_into(folder, plan: dict, resume: bool, overwrite: bool) -> Iterator[None]:
     """The block trains into folder: created when missing, locked, its orphaned temporary
-    files removed, and checked (check_can_train). When the block fails before the folder
-    holds a finished epoch, the folder it created is removed again."""
+    files removed, and checked (check_can_train). When the block fails with an error before
+    the folder holds a finished epoch, the folder it created is removed again."""
     folder = Path(folder)
     created = create(folder)
     try:
@@ -425,11 +424,11 @@ def training_into(folder, plan: dict, resume: bool, overwrite: bool) -> Iterator
             check_can_train(folder, plan, resume, overwrite)
             try:
                 yield
-            except BaseException:
+            except Exception:  # an error, not an interruption: nothing of it is kept
                 if created and not holds_a_run(folder):
                     remove_run(folder)
                 raise
-    except BaseException:
+    except Exception:
         if created:
             remove_if_empty(folder)
         raise
