@@ -1,11 +1,12 @@
 """Reading model weights from checkpoint files, safely, in the formats the field publishes.
 
 A checkpoint is data: it is unpickled with `torch.load(weights_only=True)`, which builds
-only tensors and plain containers; a file that does not load is one clear error, and this
-application's own files have the digest they carry checked (train/checkpoint_digest.py). The one class also allowed is `argparse.Namespace`,
+only tensors and plain containers. The one class also allowed is `argparse.Namespace`,
 because the CRD benchmark's `<model>_last.pth` pickles its options with it. A file that
 needs any other global is refused (`UntrustedCheckpoint`) unless the user opts in with
-`--trust-checkpoint` (full unpickling, which can run code the file carries).
+`--trust-checkpoint` (full unpickling, which can run code the file carries). A file that
+does not load is one clear error, and the files this application writes have the digest
+they carry checked (train/checkpoint_digest.py).
 
 One function, `extract_state_dict`, finds a model's weights in whatever layout they come:
 - this application's `best.pt` ({"student": ...}) and `last.pt` ({"distiller": ...});
