@@ -480,8 +480,14 @@ def test_damaged_logs_and_plans_are_reported_and_skipped_by_results(tmp_path, ca
     (not_json / PLAN).write_text('{"method": "kd", "epo')
     with pytest.raises(RunFolderError, match="run.json is damaged"):
         final_accuracy(not_json)  # never counted as finished
+    transfer = tmp_path / "transfer__wrn_40_2-wrn_16_2__at__seed0"
+    transfer.mkdir()
+    (transfer / LOG).write_text("epoch,test_acc,lr\n0,74,0.05\n")
+    (transfer / "probe-stl10.json").write_text('{"test_acc": 7')
     assert main(["results", "--runs", str(tmp_path)]) == 0
     captured = capsys.readouterr()
     warnings = captured.err.splitlines()
-    assert len(warnings) == 4 and all(w.startswith("warning: skipped ") for w in warnings)
-    assert "kd | " in captured.out and "60.50 +- 0.00 (1) / " in captured.out
+    assert len(warnings) == 5 and all(w.startswith("warning: skipped ") for w in warnings)
+    assert all(name in captured.err for name in [*damaged, not_json.name, "probe-stl10.json"])
+    assert "60.50 +- 0.00 (1) / " in captured.out  # the good folder is still counted
+    assert "74.00 +- 0.00 (1) / " in captured.out

@@ -97,8 +97,12 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
             for transfer_set in config.transfer_sets:
                 probe_file = folder / f"probe-{transfer_set}.json"
                 if probe_file.exists():
-                    columns[f"{config.method} {transfer_set}"] = json.loads(
-                        probe_file.read_text())["test_acc"]
+                    try:
+                        columns[f"{config.method} {transfer_set}"] = float(json.loads(
+                            probe_file.read_text())["test_acc"])
+                    except (OSError, ValueError, KeyError, TypeError):
+                        print(f"warning: skipped {probe_file}: not the JSON `run` writes",
+                              file=sys.stderr)
             for column, value in columns.items():
                 cells.setdefault((config.table, pair, column), Cell()).measured.append(value)
     for table, (dataset, pairs) in TABLES.items():

@@ -284,9 +284,6 @@ def remove_if_empty(folder) -> None:
 
 # ---------------------------------------------------------------- the lock
 
-_HELD: Dict[str, int] = {}  # the folders this process has locked -> nesting depth
-
-
 def _holder(fd: int) -> str:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
@@ -334,23 +331,13 @@ def _acquire(folder: Path) -> int:
 
 @contextmanager
 def locked(folder) -> Iterator[None]:
-    """Holds the folder's lock within the block; re-entrant within one process (a two-stage
-    method's stages run inside their run's lock)."""
+    """Holds the folder's lock within the block (a second holder, in this process or
+    another, gets RunFolderError naming the first)."""
     folder = Path(folder)
-    key = os.path.realpath(folder)
-    if key in _HELD:
-        _HELD[key] += 1
-        try:
-            yield
-        finally:
-            _HELD[key] -= 1
-        return
     fd = _acquire(folder)
-    _HELD[key] = 1
     try:
         yield
     finally:
-        del _HELD[key]
         try:
             os.unlink(folder / LOCK)  # while still locked: the next holder makes a new one
         except OSError:

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from . import distributed
+from . import distributed, run_folder
 from .configs import get_config
 from .data.catalog import load_data
 from .probe import probe_checkpoint
@@ -70,6 +70,6 @@ def run_config(args) -> int:
         root = args.stl10_data if transfer_set == "stl10" else args.tiny_imagenet_data
         accuracy = probe_checkpoint(config.student, out / "best.pt", transfer_set, root, args)
         if distributed.is_main():
-            (out / f"probe-{transfer_set}.json").write_text(json.dumps(
-                {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": "best.pt"}))
+            run_folder.write_atomically(out / f"probe-{transfer_set}.json", json.dumps(
+                {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": "best.pt"}).encode())
     return 0
