@@ -284,9 +284,11 @@ def test_a_finished_run_is_replaced_only_with_overwrite(tmp_path, capsys):
     err = one_line_error(capsys)
     assert "already holds a finished run of 1 epochs" in err and "--overwrite" in err
     assert snapshot(out) == before
+    (out / "probe-stl10.json").write_text('{"test_acc": 70.0}')  # of the replaced best.pt
     assert main([*argv, "--lr", "0.2", "--overwrite"]) == 0
     assert (out / LAST).read_bytes() != before[Path(LAST)]
     assert read_checkpoint(out / LAST)["epoch"] == 0
+    assert sorted(p.name for p in out.iterdir()) == [BEST, LAST, LOG, PLAN]
 
 
 def test_temporary_files_never_follow_planted_links_and_orphans_are_removed(tmp_path):

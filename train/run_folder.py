@@ -45,6 +45,7 @@ BEST = "best.pt"
 LOG = "log.csv"
 LOCK = "lock"
 RUN_FILES = (PLAN, LAST, BEST, LOG)  # what a run leaves; --overwrite removes them
+PROBE_RESULTS = "probe-*.json"  # `run`'s linear probes of best.pt, one per transfer set
 TMP_SUFFIX = ".tmp"
 # The plan's entry that may change on resume: more epochs continue a finished run.
 RESUMABLE_CHANGES = ("epochs",)
@@ -230,9 +231,10 @@ def finished_log(folder) -> Optional[List[Dict[str, float]]]:
 
 
 def remove_run(folder) -> None:
-    """Removes the run's files (--overwrite); other files and subfolders stay."""
-    for name in RUN_FILES:
-        path = Path(folder) / name
+    """Removes the run's files (--overwrite), its probe results too (they are of its
+    best.pt); other files and subfolders stay."""
+    for path in [*(Path(folder) / name for name in RUN_FILES),
+                 *Path(folder).glob(PROBE_RESULTS)]:
         try:
             path.unlink()
         except FileNotFoundError:
