@@ -9,12 +9,12 @@ import torch
 from helpers import printed_table
 from train.cli import main
 from train.configs import CONFIGS, TABLE_METHODS, TABLES, applies
-from train.engine import write_run_plan
 from train.models import build_model, feature_points
 from train.published import (PAPER, published_headline, published_tables, published_value,
                              sources)
 from train.results import (collect_tables, final_accuracy, headline,
                            relative_improvement_over_kd)
+from train.run_folder import write_plan
 
 COMPARISON = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst")
 PAPER_TABLES = json.loads((Path(__file__).parent / "fixtures" / "paper_tables.json").read_text())
@@ -140,10 +140,10 @@ def finished_run(folder, accuracies):
 def test_an_interrupted_run_is_not_a_result(tmp_path):
     folder = tmp_path / "cifar100__resnet32x4-resnet8x4__kd__seed0"
     finished_run(folder, [50.0, 60.0])
-    write_run_plan(folder, "kd", 5)  # asked for 5 epochs, stopped after 2
+    write_plan(folder, {"method": "kd", "epochs": 5})  # asked for 5 epochs, stopped after 2
     assert final_accuracy(folder) is None
     assert main(["results", "--runs", str(tmp_path)]) == 0
-    write_run_plan(folder, "kd", 2)
+    write_plan(folder, {"method": "kd", "epochs": 2})
     assert final_accuracy(folder) == 60.0
 
 

@@ -257,8 +257,10 @@ def test_both_ways_to_the_scores_give_the_drawn_dot_products(rows_per_draw):
 
 
 def crd_run(train, test, epochs, out_dir, resume, seed):
+    torch.manual_seed(0)
+    teacher = small_net(16)  # the same teacher in every process (a resume checks it is)
     torch.manual_seed(seed)
-    distiller = build_distiller("crd", small_net(8), small_net(16), num_samples=len(train),
+    distiller = build_distiller("crd", small_net(8), teacher, num_samples=len(train),
                                 labels=dataset_labels(train), num_negatives=64)
     drawn = []
     distiller.negatives.register_forward_hook(lambda m, i, out: drawn.append(out.clone()))

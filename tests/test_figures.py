@@ -269,12 +269,12 @@ def test_demo_writes_its_figures_and_prints_each_methods_difference(tmp_path, ca
 
 
 def test_run_labels_come_from_the_folder_names_or_the_recorded_run_plan(tmp_path):
-    from train.engine import write_run_plan
+    from train.run_folder import write_plan
     from train.figures.run_folders import describe_run, run_labels
 
     distilled = tmp_path / "my-distillation"
     distilled.mkdir()
-    write_run_plan(distilled, "icd_kd", 3)
+    write_plan(distilled, {"method": "icd_kd", "epochs": 3})
     runs = [describe_run(tmp_path / name) for name in (
         "cifar100__wrn_40_2-wrn_40_1__kd__seed0", "cifar100__wrn_40_2-wrn_40_1__kd__seed1",
         "cifar100__wrn_40_2-wrn_40_1__icd__alpha=0.1__seed0", "teacher-wrn_40_2")]

@@ -14,6 +14,7 @@ from train.distillers import DISTILLERS, build_distiller
 from train.distillers.crd import CRD
 from train.distillers.feature_methods import DEFAULT_BETAS
 from train.models import FeatureTap, build_model, model_names
+from train.run_folder import read_plan
 
 
 @pytest.mark.parametrize("name", model_names())
@@ -127,8 +128,9 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
         full = run(make_distiller("icd"), train, test, epochs=4, out_dir=tmp_path / "full")
         torch.manual_seed(123)  # the resumed process starts from other RNG state
         run(make_distiller("icd"), train, test, epochs=2, out_dir=tmp_path / "split")
-        resumed = run(make_distiller("icd", seed=99), train, test, epochs=4,
-                      out_dir=tmp_path / "split", resume=True)
+        # The same teacher (resume checks it is), a student initialised otherwise.
+        resumed = run(make_distiller("icd", seed=99, teacher=make_distiller("icd").teacher),
+                      train, test, epochs=4, out_dir=tmp_path / "split", resume=True)
     finally:
         torch.use_deterministic_algorithms(False)
     assert [r["epoch"] for r in resumed.rows] == [0, 1, 2, 3]
@@ -136,7 +138,8 @@ def test_resumed_run_follows_the_uninterrupted_trajectory(tmp_path):
         a.pop("seconds"), b.pop("seconds")  # wall time, the one thing allowed to differ
         assert a == b
     assert (tmp_path / "split" / "best.pt").exists()
-    assert engine.read_run_plan(tmp_path / "split") == {"method": "icd", "epochs": 4}
+    plan = read_plan(tmp_path / "split")
+    assert (plan["method"], plan["epochs"]) == ("icd", 4)
     assert not list((tmp_path / "split").glob("*.tmp"))
     header = (tmp_path / "split" / "log.csv").read_text().splitlines()[0]
     assert header.startswith("epoch,")
@@ -147,10 +150,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     distiller = make_distiller("vanilla")
     run(distiller, train, test, epochs=1, out_dir=tmp_path)
     good = torch.load(tmp_path / "last.pt", weights_only=False)
-    with torch.no_grad():
-        distiller.student.fc.weight.fill_(float("nan"))
+
+    def poison(module, inputs):  # after the resume has loaded the good weights
+        with torch.no_grad():
+            module.fc.weight.fill_(float("nan"))
+    distiller.student.register_forward_pre_hook(poison)
     with pytest.raises(engine.NonFiniteLoss, match="last good checkpoint"):
-        run(distiller, train, test, epochs=3, out_dir=tmp_path, resume=False)
+        run(distiller, train, test, epochs=3, out_dir=tmp_path, resume=True)
     kept = torch.load(tmp_path / "last.pt", weights_only=False)
     assert kept["epoch"] == good["epoch"] == 0
 

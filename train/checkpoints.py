@@ -4,7 +4,9 @@ A checkpoint is data: it is unpickled with `torch.load(weights_only=True)`, whic
 only tensors and plain containers. The one class also allowed is `argparse.Namespace`,
 because the CRD benchmark's `<model>_last.pth` pickles its options with it. A file that
 needs any other global is refused (`UntrustedCheckpoint`) unless the user opts in with
-`--trust-checkpoint` (full unpickling, which can run code the file carries).
+`--trust-checkpoint` (full unpickling, which can run code the file carries). A file that
+does not load is one clear error, and the files this application writes have the digest
+they carry checked (train/checkpoint_digest.py).
 
 One function, `extract_state_dict`, finds a model's weights in whatever layout they come:
 - this application's `best.pt` ({"student": ...}) and `last.pt` ({"distiller": ...});
@@ -32,6 +34,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from .checkpoint_digest import unsealed
 from .models import build_model
 
 # Harmless classes a published checkpoint pickles besides tensors and containers.
@@ -66,17 +69,20 @@ class CheckpointMismatch(ValueError):
 
 def read_checkpoint(path, trust: bool = False, map_location="cpu"):
     """The unpickled content of checkpoint file `path`: with weights_only=True (tensors,
-    containers and SAFE_GLOBALS), or, with trust=True, with everything pickle can do."""
+    containers and SAFE_GLOBALS), or, with trust=True, with everything pickle can do. A
+    checkpoint this application wrote has its digest checked (and removed)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == SAFETENSORS_SUFFIX:
         return _read_safetensors(path, map_location)
     if trust:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return unsealed(torch.load(path, map_location=map_location, weights_only=False), path)
     try:
         with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            content = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         if found is None:
@@ -86,8 +92,13 @@ def read_checkpoint(path, trust: bool = False, map_location="cpu"):
             f"(torch.load weights_only=True) refuses: unpickling it could run code the file "
             f"carries. If you trust the file's source, pass --trust-checkpoint to load it "
             f"with weights_only=False at your own risk.") from None
-    except (RuntimeError, EOFError) as error:  # truncated, empty, not a torch.save file
-        raise _unreadable(path, error) from error
+    except PermissionError as error:
+        raise ValueError(f"checkpoint {path} cannot be read: {error.strerror}") from None
+    # A truncated, empty or foreign file fails inside the loader in many ways (RuntimeError,
+    # EOFError, OSError "Invalid argument", KeyError of a bogus magic number...).
+    except Exception as error:  # noqa: BLE001
+        raise _unreadable(path, error) from None
+    return unsealed(content, path)
 
 
 def _read_safetensors(path: Path, map_location) -> Dict[str, torch.Tensor]:

@@ -172,6 +172,9 @@ def main(argv=None) -> int:
                        help="progress bars (default: when stderr is a terminal)")
         p.add_argument("--tensorboard", action="store_true",
                        help="write TensorBoard scalars under OUT/tensorboard")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace a run already in the run folder (without it, a run "
+                            "there is only continued, with --resume)")
 
     def loss_weight_arguments(p):
         w = p.add_argument_group("loss weights (default: the method's own, as in the paper)")
@@ -294,6 +297,11 @@ def main(argv=None) -> int:
         status = args.run(args)
     except (FileNotFoundError, ValueError, engine.NonFiniteLoss) as error:
         print(f"error: {error}", file=sys.stderr)
+        distributed.shutdown(wait_for_all=False)
+        return 2
+    except OSError as error:  # an output path that cannot be written: a full disk, no right
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"error: {where}{error.strerror or error}", file=sys.stderr)
         distributed.shutdown(wait_for_all=False)
         return 2
     except BaseException:

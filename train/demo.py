@@ -10,6 +10,7 @@ import torch
 
 from . import engine
 from .data.digits import IN_CHANNELS, NUM_CLASSES, digits_datasets, stratified_subset
+from .distillers import DISTILLERS
 from .figures.correlation import (correlation_differences, logit_correlations,
                                   plot_correlation_differences)
 from .figures.tables import plot_table
@@ -21,7 +22,23 @@ from .training import train_model
 DEMO_METHODS = ("vanilla", "kd", "icd", "icd_kd")
 
 
+def check_demo_options(args) -> None:
+    """Every option checked before the teacher trains (minutes of work otherwise lost)."""
+    for option, smallest in (("threads", 0), ("seeds", 1), ("epochs", 1),
+                             ("teacher_epochs", 1), ("batch_size", 1), ("image_size", 1)):
+        if getattr(args, option) < smallest:
+            raise ValueError(f"--{option.replace('_', '-')} must be >= {smallest}, got "
+                             f"{getattr(args, option)}")
+    if not 0 < args.student_fraction <= 1:
+        raise ValueError(f"--student-fraction must be in (0, 1], got {args.student_fraction}")
+    unknown = [m for m in args.methods if m not in DISTILLERS]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {', '.join(map(repr, unknown))}; known: "
+                         f"{', '.join(sorted(DISTILLERS))}")
+
+
 def demo(args) -> int:
+    check_demo_options(args)
     start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)

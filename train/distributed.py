@@ -8,12 +8,15 @@ rows. CRD's memory banks take every rank's samples through `gather`.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from datetime import timedelta
 from typing import List
 
 import torch
 import torch.distributed as dist
+
+DEVICE_PATTERN = r"auto|cpu|cuda(:\d+)?"  # the --device values this application trains on
 
 
 def is_distributed() -> bool:
@@ -35,6 +38,8 @@ def is_main() -> bool:
 def init_from_env(device: str = "auto") -> torch.device:
     """Joins the process group torchrun describes (WORLD_SIZE > 1): NCCL on GPUs, gloo on
     CPUs. Returns the device this process trains on."""
+    if not re.fullmatch(DEVICE_PATTERN, device):
+        raise ValueError(f"--device {device!r} is not one of auto, cpu, cuda, cuda:N")
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise ValueError(f"--device {device} asked for, but torch sees no CUDA device")

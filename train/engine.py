@@ -1,9 +1,12 @@
 """Training loop: epochs of distillation steps, evaluation, atomic checkpoints, resume,
 mixed precision, DDP, progress bars, TensorBoard and a CSV row per epoch.
 
-Every finished epoch is checkpointed (`last.pt`, and `best.pt` when test accuracy improves)
-by writing a temporary file and renaming it, so an interruption never leaves a half-written
-checkpoint and never loses a finished epoch. A resumed run restores model, optimiser,
+Every finished epoch whose weights are all finite is committed to the run folder (`last.pt`,
+then `best.pt` when test accuracy improves, then `log.csv`; train/run_folder.py says how the
+folder stays consistent), so an interruption never loses a finished epoch and a NaN model is
+never saved. A run folder is locked while a process trains into it; a run already in it is
+continued only when asked (resume, with the same plan) and replaced only when asked
+(overwrite). A resumed run restores model, optimiser,
 scheduler, gradient scaler, epoch and every rank's RNG states, and each epoch's batches come
 from a permutation seeded by (seed, epoch), so it follows the same trajectory as an
 uninterrupted run.
@@ -14,12 +17,10 @@ the number of processes, and rank 0 alone writes checkpoints, the CSV and Tensor
 """
 from __future__ import annotations
 
-import csv
-import json
-import math
+import contextlib
+import itertools
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,8 @@ from typing import Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from . import distributed
+from . import distributed, run_folder
+from .checkpoint_digest import content_digest
 from .checkpoints import read_checkpoint
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,23 +51,12 @@ class IndexedDataset(Dataset):
 
 
 class NonFiniteLoss(RuntimeError):
-    """A training loss became NaN or infinite; the last good checkpoint is kept."""
+    """A training loss, or the weights after a step, became NaN or infinite; the last good
+    checkpoint is kept."""
 
 
-def atomic_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+# What resuming needs from last.pt (a file without them was not written by fit).
+LAST_KEYS = ("distiller", "optimizer", "epoch", "history", "rng")
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -124,6 +115,10 @@ class TrainConfig:
     progress: bool = False  # a progress bar per epoch (rank 0)
     tensorboard: bool = False  # scalars per epoch under out_dir/tensorboard (rank 0)
     trust_checkpoint: bool = False  # resume from a last.pt that a safe load refuses
+    overwrite: bool = False  # replace a run already in out_dir (else only resume continues it)
+    # What the run is, for its run.json (models, data set, loss options...): a resume must
+    # ask for the same. fit adds the method, the teacher's weights and the epochs.
+    plan: Dict[str, object] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -213,6 +208,82 @@ def buffers_not_broadcast(distiller) -> List[str]:
             if id(buffer) in frozen or name in getattr(distiller, "replicated_buffers", ())]
 
 
+def run_plan(distiller, config: TrainConfig) -> dict:
+    """What the run is, as its run.json records it."""
+    teacher = getattr(distiller, "teacher", None)
+    return {**config.plan, "method": getattr(distiller, "method", None),
+            "teacher_weights": content_digest(teacher.state_dict()) if teacher is not None
+            else None,
+            "epochs": config.epochs}
+
+
+def _on_every_rank(failure: Optional[str]) -> None:
+    """Raises on every rank when one rank failed (the others would wait for it forever)."""
+    failures = [f for f in distributed.all_gather_objects(failure) if f is not None]
+    if failures:
+        raise run_folder.RunFolderError(failures[0])
+
+
+def _kept(last: Optional[Path]) -> str:
+    return (f"the last good checkpoint is {last}" if last is not None and last.exists()
+            else "no checkpoint was written")
+
+
+def non_finite_tensors(module: torch.nn.Module) -> List[str]:
+    named = [(name, t) for name, t in itertools.chain(module.named_parameters(),
+                                                      module.named_buffers())
+             if t.is_floating_point()]
+    if not named:
+        return []
+    finite = torch.stack([torch.isfinite(t).all() for _, t in named]).tolist()
+    return [name for (name, _), ok in zip(named, finite) if not ok]
+
+
+def _resume_state(distiller, optimizer, scheduler, scaler, last: Path, config, device):
+    """Loads last.pt into the run's objects; returns its content. Every error is raised
+    before anything in the run folder changes."""
+    state = read_checkpoint(last, config.trust_checkpoint, map_location=device)
+    missing = [key for key in LAST_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise run_folder.RunFolderError(
+            f"checkpoint {last} lacks {', '.join(missing)}: not a last.pt this application "
+            f"wrote, or a damaged one")
+    try:
+        distiller.load_state_dict(state["distiller"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise run_folder.RunFolderError(
+            f"checkpoint {last} does not fit this run (another model, method or optimiser): "
+            f"{type(error).__name__}: {first_line}") from None
+    return state
+
+
+def _best_file_payload(distiller, epoch: int, accuracy: float) -> dict:
+    # A copy: the student trains on while last.pt carries this epoch's weights forward.
+    return {"student": {k: v.detach().cpu().clone()
+                        for k, v in distiller.student.state_dict().items()},
+            "epoch": epoch, "test_acc": accuracy}
+
+
+def _repair_derived_files(folder: Path, best: Optional[dict], rows) -> None:
+    """best.pt and log.csv as last.pt records them (a stop between the writes of an epoch
+    leaves them behind it)."""
+    if best is not None:
+        try:
+            current = read_checkpoint(folder / run_folder.BEST)
+            stale = content_digest(current) != content_digest(best)
+        except (FileNotFoundError, ValueError):
+            stale = True
+        if stale:
+            run_folder.save_checkpoint(best, folder / run_folder.BEST)
+    run_folder.rewrite_if_changed(folder / run_folder.LOG, run_folder.log_text(rows).encode())
+
+
 def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
         config: TrainConfig, resume: bool = False) -> History:
     """Trains distiller.student (and the method's own modules) for config.epochs epochs.
@@ -223,6 +294,8 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     device = next(distiller.student.parameters()).device
     rank, world = distributed.rank(), distributed.world_size()
     main = rank == 0
+    # Checked before the run folder is made: a run that cannot start leaves nothing.
+    GlobalBatchSampler(len(train_set), config.batch_size, config.seed, 0, rank, world)
     model = distiller
     if world > 1:
         skip = buffers_not_broadcast(distiller)
@@ -233,28 +306,44 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
             distributed.broadcast_(buffers[name])
         model = torch.nn.parallel.DistributedDataParallel(
             distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    folder = Path(config.out_dir) if config.out_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        plan = None
+        if folder is not None:
+            failure = None
+            if main:  # rank 0 alone holds the folder: its lock, its files
+                plan = run_plan(distiller, config)
+                try:
+                    stack.enter_context(run_folder.training_into(
+                        folder, plan, resume, config.overwrite))
+                except run_folder.RunFolderError as error:
+                    failure = str(error)
+            _on_every_rank(failure)
+        return _fit(distiller, model, train_set, test_set, optimizer, scheduler, config,
+                    resume, device, folder, plan)
+
+
+def _fit(distiller, model, train_set, test_set, optimizer, scheduler, config, resume, device,
+         folder: Optional[Path], plan: Optional[dict]) -> History:
+    rank, world = distributed.rank(), distributed.world_size()
+    main = rank == 0
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    history, start_epoch = History(), 0
-    last = None
-    if config.out_dir is not None:
-        if main:
-            config.out_dir.mkdir(parents=True, exist_ok=True)
-            write_run_plan(config.out_dir, getattr(distiller, "method", None), config.epochs)
-        last = config.out_dir / "last.pt"
+    history, start_epoch, best = History(), 0, None
+    last = folder / run_folder.LAST if folder is not None else None
     if resume and last is not None and last.exists():
-        state = read_checkpoint(last, config.trust_checkpoint, map_location=device)
-        distiller.load_state_dict(state["distiller"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler") is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        state = _resume_state(distiller, optimizer, scheduler, scaler, last, config, device)
         rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         if len(rng) == world:  # with another process count the RNG streams start afresh
             _set_rng_state(rng[rank], device)
         history.rows = state["history"]
         start_epoch = state["epoch"] + 1
-    board = (_tensorboard(config.out_dir, start_epoch)
+        best = state.get("best")
+    if folder is not None and main:
+        run_folder.rewrite_if_changed(folder / run_folder.PLAN,
+                                      run_folder.plan_text(plan).encode())
+        if history.rows:
+            _repair_derived_files(folder, best, history.rows)
+    board = (_tensorboard(folder, start_epoch)
              if config.tensorboard and main and start_epoch < config.epochs else None)
 
     for epoch in range(start_epoch, config.epochs):
@@ -282,7 +371,7 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
             if not bool(torch.isfinite(values).all()):
                 terms = dict(zip(names, values.tolist()))
                 raise NonFiniteLoss(f"epoch {epoch}: loss is not finite ({terms}); "
-                                    f"the last good checkpoint is {last}")
+                                    f"{_kept(last)}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -291,6 +380,12 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
             steps += 1
             if bar is not loader and steps % 10 == 0:
                 bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
+        # The epoch's last step is checked here, before anything of it is saved.
+        bad = non_finite_tensors(distiller)
+        if distributed.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item():
+            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NonFiniteLoss(f"epoch {epoch}: weights are not finite after the epoch's "
+                                f"last step ({shown or 'on another rank'}); {_kept(last)}")
         if scheduler is not None:
             scheduler.step()
         means = (sums / steps).tolist() if steps else []
@@ -299,11 +394,14 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
                                     num_workers=config.num_workers),
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
         history.rows.append(row)
-        if config.out_dir is not None:
+        if folder is not None:
             rng = distributed.all_gather_objects(_rng_state(device))
+            improved = row["test_acc"] >= history.best_accuracy
+            if improved and main:
+                best = _best_file_payload(distiller, epoch, row["test_acc"])
             if main:
                 _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng,
-                            config.out_dir)
+                            best if improved else None, best, folder)
             distributed.barrier()  # no rank runs ahead of a checkpoint it may resume from
         if board is not None:
             for key, value in row.items():
@@ -315,45 +413,16 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     return history
 
 
-def _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng, out_dir: Path):
-    _write_csv(out_dir / "log.csv", history.rows)
+def _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng,
+                new_best: Optional[dict], best: Optional[dict], folder: Path) -> None:
+    """Commits the epoch: last.pt first (it records everything, the best student
+    included), then what is derived from it, best.pt and log.csv."""
     state = {"distiller": distiller.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict() if scheduler is not None else None,
              "scaler": scaler.state_dict() if scaler.is_enabled() else None,
              "epoch": epoch, "history": history.rows, "rng": rng,
-             "method": getattr(distiller, "method", None)}
-    atomic_save(state, out_dir / "last.pt")
-    if history.rows[-1]["test_acc"] >= history.best_accuracy:
-        atomic_save({"student": distiller.student.state_dict(), "epoch": epoch,
-                     "test_acc": history.rows[-1]["test_acc"]}, out_dir / "best.pt")
-
-
-RUN_PLAN = "run.json"
-
-
-def write_run_plan(out_dir: Path, method: Optional[str], epochs: int) -> None:
-    """What the run was asked to do, so that readers of its folder (results, sweeps, figures)
-    can tell a finished run from an interrupted one without opening a checkpoint."""
-    tmp = out_dir / (RUN_PLAN + ".tmp")
-    tmp.write_text(json.dumps({"method": method, "epochs": epochs}))
-    os.replace(tmp, out_dir / RUN_PLAN)
-
-
-def read_run_plan(folder: Path) -> Optional[dict]:
-    try:
-        plan = json.loads((Path(folder) / RUN_PLAN).read_text())
-    except (OSError, ValueError):
-        return None
-    return plan if isinstance(plan, dict) else None
-
-
-def _write_csv(path: Path, rows: List[Dict[str, float]]) -> None:
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k != "epoch", k))
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) and math.isfinite(v) else v)
-                             for k, v in r.items()})
-    os.replace(tmp, path)
+             "method": getattr(distiller, "method", None), "best": best}
+    run_folder.save_checkpoint(state, folder / run_folder.LAST)
+    if new_best is not None:
+        run_folder.save_checkpoint(new_best, folder / run_folder.BEST)
+    run_folder.write_log(folder, history.rows)

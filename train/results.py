@@ -9,16 +9,16 @@ from the measured runs and from the paper's values.
 anything else that reports them (Markdown files, figures)."""
 from __future__ import annotations
 
-import csv
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .configs import CONFIGS, TABLE_METHODS, TABLES, applies
-from .engine import read_run_plan
 from .published import published_headline, published_number
+from .run_folder import RunFolderError, finished_log
 from .runs import run_folder_name, teacher_probe_file, teacher_run_folder
 from .stats import mean_and_std
 
@@ -57,19 +57,31 @@ class ResultTable:
 
 def final_accuracy(folder: Path) -> Optional[float]:
     """Test top-1 of a run folder's last epoch, or None while the run has not finished all
-    the epochs its run.json asks for (interrupted runs are not results). Folders without a
-    run.json (written by hand or by older versions) count from their last logged epoch."""
-    log = folder / "log.csv"
-    if not log.exists():
+    the epochs its run.json asks for (interrupted runs are not results)."""
+    rows = finished_log(folder)
+    return rows[-1]["test_acc"] if rows is not None else None
+
+
+def _reported_accuracy(folder: Path) -> Optional[float]:
+    """final_accuracy, with a damaged folder reported on stderr and skipped: one bad folder
+    does not stop the tables."""
+    try:
+        return final_accuracy(folder)
+    except RunFolderError as error:
+        print(f"warning: skipped {folder}: {error}", file=sys.stderr)
         return None
-    with open(log) as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
+
+
+def _probe_accuracy(probe_file: Path) -> Optional[float]:
+    """The test top-1 a linear probe recorded, or None where there is none; a damaged file
+    is reported on stderr and skipped."""
+    if not probe_file.exists():
         return None
-    plan = read_run_plan(folder)
-    if plan is not None and int(float(rows[-1]["epoch"])) + 1 < int(plan.get("epochs", 0)):
+    try:
+        return float(json.loads(probe_file.read_text())["test_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"warning: skipped {probe_file}: not the JSON `run` writes", file=sys.stderr)
         return None
-    return float(rows[-1]["test_acc"])
 
 
 def pair_label(teacher: str, student: str) -> str:
@@ -97,29 +109,28 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
     cells: Dict[Tuple[str, str, str], Cell] = {}
     for config in CONFIGS.values():
         for folder in sorted(runs.glob(run_folder_name(config.name, "*"))):
-            accuracy = final_accuracy(folder)
+            accuracy = _reported_accuracy(folder)
             if accuracy is None:
                 continue
             pair = pair_label(config.teacher, config.student)
             columns = {config.method: accuracy}
             for transfer_set in config.transfer_sets:
-                probe_file = folder / f"probe-{transfer_set}.json"
-                if probe_file.exists():
-                    columns[f"{config.method} {transfer_set}"] = json.loads(
-                        probe_file.read_text())["test_acc"]
+                probed = _probe_accuracy(folder / f"probe-{transfer_set}.json")
+                if probed is not None:
+                    columns[f"{config.method} {transfer_set}"] = probed
             for column, value in columns.items():
                 cells.setdefault((config.table, pair, column), Cell()).measured.append(value)
     for table, (dataset, pairs) in TABLES.items():
         for teacher, student in pairs:  # the teacher `run` trained for the table's configs
             pair = pair_label(teacher, student)
-            accuracy = final_accuracy(teacher_run_folder(runs, dataset, teacher))
+            accuracy = _reported_accuracy(teacher_run_folder(runs, dataset, teacher))
             if accuracy is not None:
                 cells[(table, pair, TEACHER)] = Cell([accuracy])
             for transfer_set in _transfer_sets(table):  # probed once per teacher
-                probe_file = teacher_probe_file(runs, dataset, teacher, transfer_set)
-                if probe_file.exists():
-                    cells[(table, pair, f"{TEACHER} {transfer_set}")] = Cell(
-                        [json.loads(probe_file.read_text())["test_acc"]])
+                probed = _probe_accuracy(teacher_probe_file(runs, dataset, teacher,
+                                                            transfer_set))
+                if probed is not None:
+                    cells[(table, pair, f"{TEACHER} {transfer_set}")] = Cell([probed])
     return cells
 
 

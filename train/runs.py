@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
-from . import distributed
+from . import distributed, run_folder
 from .configs import get_config
 from .data.catalog import load_data
 from .probe import probe_checkpoint
@@ -91,7 +91,7 @@ def run_config(args) -> int:
                     / TEACHER_CHECKPOINTS[args.teacher_epoch])
             distributed.say(f"teacher {config.teacher}: {ckpt.parent}")
             run_training(args, "vanilla", config.teacher, data, ckpt.parent,
-                         epochs=args.teacher_epochs, resume=True)
+                         epochs=args.teacher_epochs, resume=True, overwrite=False)
         teacher = load_teacher(config.teacher, data, ckpt, teachers,
                                args.trust_checkpoint, args.device)
     options = loss_weight_options(args)
@@ -107,6 +107,6 @@ def run_config(args) -> int:
                                transfer_set, root, args)
         accuracy = probe_checkpoint(config.student, out / "best.pt", transfer_set, root, args)
         if distributed.is_main():
-            (out / f"probe-{transfer_set}.json").write_text(json.dumps(
-                {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": "best.pt"}))
+            run_folder.write_atomically(out / f"probe-{transfer_set}.json", json.dumps(
+                {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": "best.pt"}).encode())
     return 0

@@ -102,10 +102,19 @@ def train_model(method, student, teacher, train_set, test_set, config: engine.Tr
     return distiller, history
 
 
+def run_identity(args, student_name: str, teacher, method_options) -> Dict[str, object]:
+    """The plan entries of a run that its run folder records and a resume must repeat (the
+    engine adds the method and the teacher's weights)."""
+    return {"dataset": args.dataset, "student": student_name,
+            "teacher": getattr(args, "teacher", None) if teacher is not None else None,
+            "loss_options": dict(sorted((method_options or {}).items()))}
+
+
 def run_training(args, method: str, student_name: str, data, out: Path, teacher=None,
-                 epochs=None, resume=None, method_options=None):
+                 epochs=None, resume=None, method_options=None, overwrite=None):
     """One training run (teacher or student) on data = load_data(...) with the recipe of
-    args.dataset overridden by args; returns its History."""
+    args.dataset overridden by args (resume and overwrite too, unless given); returns its
+    History."""
     device = distributed.init_from_env(args.device)
     # DDP starts every rank from rank 0's weights; the ranks' random streams differ.
     engine.seed_everything(args.seed + distributed.rank(), deterministic=args.deterministic)
@@ -119,7 +128,10 @@ def run_training(args, method: str, student_name: str, data, out: Path, teacher=
                                 seed=args.seed, out_dir=Path(out), num_workers=args.workers,
                                 precision=args.precision, progress=progress,
                                 tensorboard=args.tensorboard,
-                                trust_checkpoint=args.trust_checkpoint)
+                                trust_checkpoint=args.trust_checkpoint,
+                                overwrite=(getattr(args, "overwrite", False)
+                                           if overwrite is None else overwrite),
+                                plan=run_identity(args, student_name, teacher, method_options))
     milestones = list(plan.lr_decay_epochs)
     _, history = train_model(
         method, student, teacher, train_set, test_set, config, plan.lr, plan.weight_decay,

@@ -2,11 +2,12 @@
 can be compared: train loss per term, test top-1, learning rate."""
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Dict, List
 
+from .. import run_folder
+from ..run_folder import LOG
 from .output import file_stem, pyplot, save_figure
 from .run_folders import describe_run, run_labels
 
@@ -17,17 +18,13 @@ LINE_STYLES = ("-", "--", ":", "-.")
 
 def read_log(folder) -> Dict[str, List[float]]:
     """A run's log.csv as columns of floats (NaN where a row has no value)."""
-    log = Path(folder) / "log.csv"
-    if not log.is_file():
+    if not (Path(folder) / LOG).is_file():
         raise FileNotFoundError(f"{folder} has no log.csv (not a run folder, or no epoch "
                                 f"finished yet)")
-    with open(log) as f:
-        rows = list(csv.DictReader(f))
+    rows = run_folder.read_log(folder)
     if not rows:
-        raise ValueError(f"{log} has no finished epoch yet")
-    columns = list(rows[0])
-    return {c: [float(r[c]) if r.get(c) not in (None, "") else math.nan for r in rows]
-            for c in columns}
+        raise ValueError(f"{Path(folder) / LOG} has no finished epoch yet")
+    return {c: [r[c] for r in rows] for c in rows[0]}
 
 
 def loss_terms(log: Dict[str, List[float]]) -> List[str]:

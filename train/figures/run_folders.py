@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..configs import CONFIGS
-from ..engine import read_run_plan
+from ..run_folder import RunFolderError, read_plan
 from ..runs import parse_run_folder_name
 
 TEACHER_FOLDER_PREFIX = "teacher-"  # runs.teacher_run_folder: <runs>/<dataset>/teacher-<model>
@@ -32,7 +32,10 @@ class RunDescription:
 
 def _recorded_method(folder: Path) -> Optional[str]:
     """The method the engine recorded in the folder's run.json (None for foreign folders)."""
-    plan = read_run_plan(folder)
+    try:
+        plan = read_plan(folder)
+    except RunFolderError:  # a damaged run.json says nothing
+        return None
     method = plan.get("method") if plan is not None else None
     return method if isinstance(method, str) else None
 
