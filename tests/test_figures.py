@@ -286,7 +286,8 @@ def test_run_labels_come_from_the_folder_names_or_the_recorded_run_plan(tmp_path
 
 
 def test_the_lambda_grid_spans_the_papers_range_on_a_log_axis():
-    from train.figures.sweep import SWEEP_PARAMETERS, spans_decades
+    from train.figures.sweep import spans_decades
+    from train.sweeps import SWEEP_PARAMETERS
 
     # The paper tests lambda from 0.1 to 100 and names 50 and 100 (collapse) and 0.5 to 1.
     for name in ("lambda", "kd-weight"):

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import icd_fast
 from icd_fast import _ops, blockwise
 from icd_fast.reference import icd_logits
 from helpers import assert_rel_close, make_inputs

@@ -52,12 +52,13 @@ from .distillers import DISTILLERS
 from .figures.correlation import correlation_command
 from .figures.curves import plot_command
 from .figures.output import FORMATS
-from .figures.sweep import SWEEP_PARAMETERS, sweep_command
+from .sweeps import SWEEP_PARAMETERS, sweep_command
 from .figures.tables import write_table_files
 from .probe import probe_checkpoint
 from .recipes import INIT_STAGE_EPOCHS
 from .results import collect_tables, results_tables
-from .runs import TEACHER_CHECKPOINTS, run_config
+from .run_folder import FINAL, LAST, LOG, TEACHER_CHECKPOINTS
+from .runs import run_config
 from .teachers import PUBLISHED_LAYOUT, load_teacher
 from .training import loss_weight_options, run_training
 
@@ -197,14 +198,14 @@ def main(argv=None) -> int:
 
     t = sub.add_parser("train-teacher", help="train a model with cross-entropy")
     training_options(t)
-    t.add_argument("--out", required=True, help="run folder: checkpoints and log.csv")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--out", required=True, help=f"run folder: checkpoints and {LOG}")
+    t.add_argument("--resume", action="store_true", help=f"continue from OUT/{LAST}")
     t.add_argument("--model", required=True)
     t.set_defaults(run=train_teacher)
     s = sub.add_parser("distill", help="train a student from a teacher checkpoint")
     training_options(s)
-    s.add_argument("--out", required=True, help="run folder: checkpoints and log.csv")
-    s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    s.add_argument("--out", required=True, help=f"run folder: checkpoints and {LOG}")
+    s.add_argument("--resume", action="store_true", help=f"continue from OUT/{LAST}")
     s.add_argument("--teacher", required=True)
     teacher_sources(s, required=True)
     s.add_argument("--student", required=True)
@@ -278,7 +279,7 @@ def main(argv=None) -> int:
     co.add_argument("--teacher-ckpt", required=True, help="checkpoint or run folder")
     co.add_argument("--teacher", help="teacher architecture (default: from run folder names)")
     co.add_argument("--student", nargs="+", required=True,
-                    help="checkpoints or run folders (a run folder's best.pt)")
+                    help=f"checkpoints or run folders (a run folder's {FINAL}: its final epoch)")
     co.add_argument("--student-model", nargs="+",
                     help="student architecture(s), where run folder names do not say")
     co.add_argument("--labels", nargs="+", help="panel titles (default: each run's method)")
@@ -286,7 +287,7 @@ def main(argv=None) -> int:
     co.add_argument("--out", default="./figures", help="figure folder")
     co.add_argument("--format", default="png", choices=FORMATS)
     co.set_defaults(run=correlation_command)
-    pl = sub.add_parser("plot", help="curves of runs from their log.csv, on one figure")
+    pl = sub.add_parser("plot", help=f"curves of runs from their {LOG}, on one figure")
     pl.add_argument("runs", nargs="+", help="run folders")
     pl.add_argument("--out", default="./figures", help="figure folder")
     pl.add_argument("--name", help="file name part (default: the runs' labels)")

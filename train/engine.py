@@ -246,8 +246,8 @@ def _resume_state(distiller, optimizer, scheduler, scaler, last: Path, config, d
     missing = [key for key in LAST_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise run_folder.RunFolderError(
-            f"checkpoint {last} lacks {', '.join(missing)}: not a last.pt this application "
-            f"wrote, or a damaged one")
+            f"checkpoint {last} lacks {', '.join(missing)}: not a {run_folder.LAST} this "
+            f"application wrote, or a damaged one")
     try:
         distiller.load_state_dict(state["distiller"])
         optimizer.load_state_dict(state["optimizer"])

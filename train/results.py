@@ -9,7 +9,6 @@ from the measured runs and from the paper's values.
 anything else that reports them (Markdown files, figures)."""
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -18,8 +17,8 @@ from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from .configs import CONFIGS, TABLE_METHODS, TABLES, applies
 from .published import published_headline, published_number
-from .run_folder import RunFolderError, finished_log
-from .runs import run_folder_name, teacher_probe_file, teacher_run_folder
+from .run_folder import (RunFolderError, finished_log, read_probe_result, run_folder_name,
+                         teacher_run_folder)
 from .stats import mean_and_std
 
 TEACHER = "teacher"  # the column (printed as the first row) of the teachers' own accuracy
@@ -72,16 +71,15 @@ def _reported_accuracy(folder: Path) -> Optional[float]:
         return None
 
 
-def _probe_accuracy(probe_file: Path) -> Optional[float]:
-    """The test top-1 a linear probe recorded, or None where there is none; a damaged file
-    is reported on stderr and skipped."""
-    if not probe_file.exists():
-        return None
+def _probe_accuracy(folder: Path, transfer_set: str) -> Optional[float]:
+    """The test top-1 the folder's linear probe recorded, or None where there is none; a
+    damaged record is reported on stderr and skipped."""
     try:
-        return float(json.loads(probe_file.read_text())["test_acc"])
-    except (OSError, ValueError, KeyError, TypeError):
-        print(f"warning: skipped {probe_file}: not the JSON `run` writes", file=sys.stderr)
+        record = read_probe_result(folder, transfer_set)
+    except RunFolderError as error:
+        print(f"warning: skipped {error}", file=sys.stderr)
         return None
+    return record["test_acc"] if record is not None else None
 
 
 def pair_label(teacher: str, student: str) -> str:
@@ -115,7 +113,7 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
             pair = pair_label(config.teacher, config.student)
             columns = {config.method: accuracy}
             for transfer_set in config.transfer_sets:
-                probed = _probe_accuracy(folder / f"probe-{transfer_set}.json")
+                probed = _probe_accuracy(folder, transfer_set)
                 if probed is not None:
                     columns[f"{config.method} {transfer_set}"] = probed
             for column, value in columns.items():
@@ -127,8 +125,8 @@ def _measured_cells(runs: Path) -> Dict[Tuple[str, str, str], Cell]:
             if accuracy is not None:
                 cells[(table, pair, TEACHER)] = Cell([accuracy])
             for transfer_set in _transfer_sets(table):  # probed once per teacher
-                probed = _probe_accuracy(teacher_probe_file(runs, dataset, teacher,
-                                                            transfer_set))
+                probed = _probe_accuracy(teacher_run_folder(runs, dataset, teacher),
+                                         transfer_set)
                 if probed is not None:
                     cells[(table, pair, f"{TEACHER} {transfer_set}")] = Cell([probed])
     return cells

@@ -28,12 +28,13 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -45,7 +46,16 @@ BEST = "best.pt"
 LOG = "log.csv"
 LOCK = "lock"
 RUN_FILES = (PLAN, LAST, BEST, LOG)  # what a run leaves; --overwrite removes them
-PROBE_RESULTS = "probe-*.json"  # `run`'s linear probes of best.pt, one per transfer set
+PROBE_PREFIX = "probe-"  # `run`'s linear probe results, one JSON file per transfer set
+PROBE_RESULTS = PROBE_PREFIX + "*.json"
+# The model a finished run is reported by (tables, probes, figures): its final epoch, as the
+# tables report the final epoch's accuracy. best.pt, chosen on the test split, would select
+# the model on the data it is then measured on.
+FINAL = LAST
+# The checkpoint of its own teacher run that `run` distils from (--teacher-epoch). The CRD
+# benchmark distils from the teacher's final epoch (its published ckpt_epoch_240.pth).
+TEACHER_CHECKPOINTS = {"final": LAST, "best-on-test": BEST}
+TEACHER_PREFIX = "teacher-"  # <runs>/<dataset>/teacher-<model>: the teacher `run` trains
 TMP_SUFFIX = ".tmp"
 # The plan's entry that may change on resume: more epochs continue a finished run.
 RESUMABLE_CHANGES = ("epochs",)
@@ -225,6 +235,69 @@ def finished_log(folder) -> Optional[List[Dict[str, float]]]:
         if len(rows) < asked:
             return None
     return rows
+
+
+# ---------------------------------------------------------------- names and places
+
+
+def run_folder_name(config_name: str, seed, method_options=None) -> str:
+    """The run folder of a config and seed (seed "*" gives the glob of all its seeds). Every
+    loss weight given on the command line (a sweep's values, --beta, ...) is part of the
+    name, even one equal to the method's default, so such runs never mix with the config's
+    own."""
+    weights = "".join(f"__{key}={value:g}" for key, value in sorted((method_options or {}).items()))
+    return f"{config_name.replace('/', '__')}{weights}__seed{seed}"
+
+
+def parse_run_folder_name(name: str) -> Optional[Tuple[str, Dict[str, float], int]]:
+    """The inverse of run_folder_name: (config name, loss weights, seed), or None for a folder
+    name it did not make (a teacher's, or distill's --out)."""
+    parts = name.split("__")
+    seed = re.fullmatch(r"seed(\d+)", parts[-1])
+    if seed is None or len(parts) < 2:
+        return None
+    weights = dict(part.split("=", 1) for part in parts[:-1] if "=" in part)
+    try:
+        options = {key: float(value) for key, value in weights.items()}
+    except ValueError:
+        return None
+    config_name = "/".join(part for part in parts[:-1] if "=" not in part)
+    return config_name, options, int(seed.group(1))
+
+
+def teacher_run_folder(runs, dataset: str, teacher: str) -> Path:
+    """Where `run` trains a config's teacher (shared by all configs with that teacher)."""
+    return Path(runs) / dataset / f"{TEACHER_PREFIX}{teacher}"
+
+
+def teacher_of_folder(folder) -> Optional[str]:
+    """The model a teacher run folder trained, or None for any other folder."""
+    name = Path(folder).name
+    return name[len(TEACHER_PREFIX):] if name.startswith(TEACHER_PREFIX) else None
+
+
+def probe_result_file(folder, transfer_set: str) -> Path:
+    """A run's linear-probe result on a transfer set."""
+    return Path(folder) / f"{PROBE_PREFIX}{transfer_set}.json"
+
+
+def write_probe_result(folder, transfer_set: str, accuracy: float, checkpoint: str) -> None:
+    write_atomically(probe_result_file(folder, transfer_set), json.dumps(
+        {"dataset": transfer_set, "test_acc": accuracy, "checkpoint": checkpoint}).encode())
+
+
+def read_probe_result(folder, transfer_set: str) -> Optional[dict]:
+    """The probe record ({"dataset", "test_acc", "checkpoint"}), or None where there is none;
+    a file that is not such a record is an error naming it."""
+    path = probe_result_file(folder, transfer_set)
+    try:
+        record = json.loads(path.read_text())
+        record["test_acc"] = float(record["test_acc"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise RunFolderError(f"{path} is not the probe result `run` writes") from None
+    return record
 
 
 # ---------------------------------------------------------------- the folder as a whole

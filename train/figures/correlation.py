@@ -15,13 +15,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .. import distributed
+from .. import distributed, run_folder
 from ..checkpoints import load_model
 from ..data.catalog import load_data
 from .output import file_stem, pyplot, save_figure
 from .run_folders import describe_run, run_labels
 
-RUN_FOLDER_CHECKPOINT = "best.pt"  # the student checkpoint of a run folder
 
 
 class LogitCorrelation:
@@ -148,7 +147,7 @@ def plot_correlation_differences(differences: List[CorrelationDifference], teach
 def _checkpoint_and_folder(spec):
     path = Path(spec)
     if path.is_dir():
-        return path / RUN_FOLDER_CHECKPOINT, path
+        return path / run_folder.FINAL, path
     if not path.exists():
         raise FileNotFoundError(f"{spec} is neither a checkpoint nor a run folder")
     return path, path.parent

@@ -19,7 +19,7 @@ LINE_STYLES = ("-", "--", ":", "-.")
 def read_log(folder) -> Dict[str, List[float]]:
     """A run's log.csv as columns of floats (NaN where a row has no value)."""
     if not (Path(folder) / LOG).is_file():
-        raise FileNotFoundError(f"{folder} has no log.csv (not a run folder, or no epoch "
+        raise FileNotFoundError(f"{folder} has no {LOG} (not a run folder, or no epoch "
                                 f"finished yet)")
     rows = run_folder.read_log(folder)
     if not rows:

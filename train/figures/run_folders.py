@@ -9,10 +9,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from ..configs import CONFIGS
-from ..run_folder import RunFolderError, read_plan
-from ..runs import parse_run_folder_name
-
-TEACHER_FOLDER_PREFIX = "teacher-"  # runs.teacher_run_folder: <runs>/<dataset>/teacher-<model>
+from ..run_folder import RunFolderError, parse_run_folder_name, read_plan, teacher_of_folder
 
 
 @dataclass
@@ -47,8 +44,8 @@ def describe_run(folder) -> RunDescription:
         config = CONFIGS[parsed[0]]
         return RunDescription(folder, config.method, config.student, config.teacher,
                               options=parsed[1], seed=parsed[2])
-    if folder.name.startswith(TEACHER_FOLDER_PREFIX):
-        model = folder.name[len(TEACHER_FOLDER_PREFIX):]
+    model = teacher_of_folder(folder)
+    if model is not None:
         return RunDescription(folder, f"teacher {model}", model=model)
     return RunDescription(folder, _recorded_method(folder) or folder.name)
 
