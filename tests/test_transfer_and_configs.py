@@ -68,8 +68,13 @@ def test_every_table_row_has_a_config_per_method():
     for config in CONFIGS.values():
         assert {config.teacher, config.student} <= set(model_names()), config
     assert get_config("cifar100/resnet32x4-ShuffleV2/icd_kd").student == "ShuffleV2"
-    with pytest.raises(ValueError, match="unknown config 'cifar100/resnet56-resnet21/icd'"):
+    with pytest.raises(ValueError, match="unknown config 'cifar100/resnet56-resnet21/icd'; "
+                                         "did you mean cifar100/resnet56-resnet20/icd"):
         get_config("cifar100/resnet56-resnet21/icd")
+    with pytest.raises(ValueError) as unrelated:  # a typo is not matched to unrelated names
+        get_config("cifar100/resnet32x4-ShuffleV2/ikd")
+    assert "cifar100/vgg13-vgg8" not in str(unrelated.value)
+    assert "cifar100/resnet32x4-ShuffleV2/kd" in str(unrelated.value)
 
 
 def test_a_transfer_config_runs_end_to_end_from_one_command(tmp_path, no_md5, capsys):

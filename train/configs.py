@@ -19,6 +19,8 @@ models' channels). OFD, WSLD and IPWD are named here as the registry names them
 """
 from __future__ import annotations
 
+import difflib
+
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Tuple
 
@@ -89,8 +91,8 @@ CONFIGS: Dict[str, RunConfig] = {
 
 def get_config(name: str) -> RunConfig:
     if name not in CONFIGS:
-        close = [n for n in CONFIGS if name.split("/")[0] in n][:5]
-        hint = f" (e.g. {', '.join(close)})" if close else ""
+        close = difflib.get_close_matches(name, CONFIGS, n=5, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(close)}" if close else ""
         raise ValueError(f"unknown config {name!r}{hint}; `python -m train configs` lists "
                          f"all {len(CONFIGS)}")
     return CONFIGS[name]
