@@ -13,7 +13,8 @@ import torch
 from torch.utils import cpp_extension
 
 import icd_fast
-from helpers import assert_grads_match, assert_rel_close, make_inputs, oracle
+from helpers import (assert_grads_match, assert_rel_close, make_inputs, oracle,
+                     row_terms_oracle, weighted_rows_oracle)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -270,3 +271,88 @@ def test_emul_backward_reads_unaligned_saved_rows(emulated, dtype):
                             dtype)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+# The row-range ops of the sharded loss: N = 100 split as three ranks would (33 / 34 / 33
+# rows, none starting on a 32-row tile) plus a one-row range; each range's upstream weights
+# differ, as each rank's share of the loss has its own upstream gradient.
+ROW_RANGES = [(0, 33), (33, 34), (67, 33)]
+ROW_RANGE_CASES = [  # dtype, arch, tolerance of the statistics, of the gradients
+    (torch.float64, ARCH_WITH_TENSOR_CORES, 1e-10, 1e-9),
+    (torch.float32, ARCH_WITH_TENSOR_CORES, 1e-5, 1e-5),
+    # 16-bit: the tensor cores read unit rows rounded to 16 bits, an error of kappa 2^-11
+    # (fp16) or kappa 2^-8 (bf16) in the logits.
+    (torch.float16, ARCH_WITH_TENSOR_CORES, 2e-3, 1e-2),
+    (torch.bfloat16, ARCH_WITH_TENSOR_CORES, 2e-2, 3e-2),
+]
+
+
+def range_weights(n, ranges):
+    """Per-row weights (1/N times a different factor per range, as per-rank upstream
+    gradients give), and a KL weight that differs from the CE weight."""
+    weight_ce = torch.empty(n, dtype=torch.float64)
+    weight_kl = torch.empty(n, dtype=torch.float64)
+    for b, (begin, count) in enumerate(ranges):
+        weight_ce[begin:begin + count] = (1.0 + 0.5 * b) / n
+        weight_kl[begin:begin + count] = (0.25 - 0.6 * b) / n
+    return weight_ce, weight_kl
+
+
+@pytest.mark.parametrize("theta,max_scale", [(math.log(10.0), 10.0), (math.log(60.0), 100.0)],
+                         ids=["fixed-shift", "online-max"])
+@pytest.mark.parametrize("dtype,arch,stat_rtol,grad_rtol", ROW_RANGE_CASES,
+                         ids=["fp64", "fp32", "fp16-wmma", "bf16-wmma"])
+def test_emul_row_ranges_match_whole(emulated, dtype, arch, stat_rtol, grad_rtol, theta,
+                                     max_scale):
+    n, d = 100, 24
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=theta, seed=16, requires_grad=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want_stats = row_terms_oracle(z_s, z_t, th, max_scale=max_scale)
+    parts = [emulated.forward_rows(z_s, z_t, th, begin, count, max_scale, arch)
+             for begin, count in ROW_RANGES]
+    stats = [torch.cat([p[m] for p in parts]) for m in range(4)]  # r, c, k, CE
+    for got, want, name in zip(stats, want_stats, ["row_lse", "col_lse", "row_kl", "row_ce"]):
+        assert got.dtype == acc and got.shape == (n,)
+        assert_rel_close(got, want, stat_rtol, f"{name} {dtype}", floor=1.0)
+    # The same bits as the whole problem's op: each row meets the same columns in the same
+    # order, whatever range it is computed in.
+    whole = emulated.forward(z_s, z_t, th, 0.5, max_scale, arch)
+    for got, want in zip(stats[:3], whole[3:6]):
+        assert torch.equal(got, want)
+    one = emulated.forward_rows(z_s, z_t, th, 50, 1, max_scale, arch)
+    for m in range(4):
+        assert_rel_close(one[m], want_stats[m][50:51], stat_rtol, "one-row range", floor=1.0)
+    unit, norms = parts[0][4], parts[0][5]
+    assert unit.shape == (2, n, d) and norms.shape == (2, n)
+
+    # Backward: each range with the statistics of all N rows and everyone's weights.
+    weight_ce, weight_kl = range_weights(n, ROW_RANGES)
+    r, c, k = stats[:3]
+    grads = [emulated.backward_rows(unit, norms, th, r, c, k, weight_ce.to(acc),
+                                    weight_kl.to(acc), begin, count, max_scale, dtype, arch)
+             for begin, count in ROW_RANGES]
+    got = [torch.cat([g[0] for g in grads]), torch.cat([g[1] for g in grads]),
+           sum(g[2] for g in grads)]
+    assert got[0].dtype == dtype and got[2].dtype == th.dtype
+    want = weighted_rows_oracle(z_s, z_t, th, weight_ce, weight_kl, max_scale=max_scale)
+    assert_grads_match(got, want, n, d, grad_rtol, f"row ranges {dtype}")
+    one = emulated.backward_rows(unit, norms, th, r, c, k, weight_ce.to(acc), weight_kl.to(acc),
+                                 50, 1, max_scale, dtype, arch)
+    assert_rel_close(one[0], want[0][50:51], grad_rtol, "one-row range grad z_s",
+                     floor=want[0].abs().max().item())
+    assert_rel_close(one[1], want[1][50:51], grad_rtol, "one-row range grad z_t",
+                     floor=want[1].abs().max().item())
+
+
+def test_emul_row_range_bad_arguments(emulated):
+    z_s, z_t, th = make_inputs(10, 4, requires_grad=False)
+    with pytest.raises(ValueError, match="row_count"):
+        emulated.forward_rows(z_s, z_t, th, 0, 0, 10.0)
+    with pytest.raises(ValueError, match="within the N = 10 rows"):
+        emulated.forward_rows(z_s, z_t, th, 8, 3, 10.0)
+    r, c, k, _, unit, norms = emulated.forward_rows(z_s, z_t, th, 0, 10, 10.0)
+    w = torch.ones(10)
+    with pytest.raises(ValueError, match="per-row weights"):
+        emulated.backward_rows(unit, norms, th, r, c, k, w[:9], w, 0, 10, 10.0, torch.float32)
+    with pytest.raises(ValueError, match="within the N = 10 rows"):
+        emulated.backward_rows(unit, norms, th, r, c, k, w, w, -1, 2, 10.0, torch.float32)

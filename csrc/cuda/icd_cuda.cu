@@ -91,11 +91,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cuda(
                        max_scale, grad_dtype);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+icd_forward_rows_cuda(const at::Tensor& z_s, const at::Tensor& z_t, const at::Tensor& log_scale,
+                      int64_t row_begin, int64_t row_count, double max_scale) {
+  CHECK_DEVICE_TYPE(z_s, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(z_s.device());
+  return forward_rows_impl(StreamLaunch{c10::cuda::getCurrentCUDAStream()}, z_s, z_t,
+                           log_scale, row_begin, row_count, max_scale);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_rows_cuda(
+    const at::Tensor& unit, const at::Tensor& norms, const at::Tensor& log_scale,
+    const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_kl,
+    const at::Tensor& weight_ce, const at::Tensor& weight_kl, int64_t row_begin,
+    int64_t row_count, double max_scale, at::ScalarType grad_dtype) {
+  CHECK_DEVICE_TYPE(unit, at::kCUDA);
+  const c10::cuda::CUDAGuard guard(unit.device());
+  return backward_rows_impl(StreamLaunch{c10::cuda::getCurrentCUDAStream()}, unit, norms,
+                            log_scale, row_lse, col_lse, row_kl, weight_ce, weight_kl,
+                            row_begin, row_count, max_scale, grad_dtype);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(icd_fast, CUDA, m) {
   m.impl("icd_forward", &icd_forward_cuda);
   m.impl("icd_backward", &icd_backward_cuda);
+  m.impl("icd_forward_rows", &icd_forward_rows_cuda);
+  m.impl("icd_backward_rows", &icd_backward_rows_cuda);
 }
 
 }  // namespace icd_fast::cuda

@@ -44,6 +44,9 @@ struct OperandRowsParams {
   int padded_n, ld;
 };
 
+// The forward's statistics of rows [row_begin, row_begin + row_count), each row against all
+// n columns (the whole problem: row_begin = 0, row_count = n). Block b owns the 32 rows from
+// row_begin + 32 b; the per-row outputs are indexed from row_begin.
 template <typename acc_t>
 struct ForwardParams {
   const acc_t* unit;
@@ -52,16 +55,33 @@ struct ForwardParams {
   const acc_t* log_scale;  // one value
   acc_t alpha, max_scale;
   int n, d;
-  acc_t* row_lse;
+  int row_begin, row_count;
+  acc_t* row_lse;  // (row_count) each
   acc_t* col_lse;
   acc_t* row_kl;
   acc_t* row_ce;  // r_i - L_ii, reduced by the last block
-  acc_t* loss;
+  acc_t* loss;    // the three scalars, or all null (a row range: no reduction, no counter)
   acc_t* ce;
   acc_t* kl;
   unsigned int* blocks_done;  // zero before the launch (normalize_kernel clears it)
 };
 
+// The upstream weights of the backward: either one pair for every row, from the op's
+// upstream gradients (loss = (1/N) sum_i (CE_i + alpha k_i)), or per-row vectors of all n
+// rows (the row-range backward of the sharded loss), with their largest magnitudes.
+template <typename acc_t>
+struct BackwardWeights {
+  const acc_t* grad_loss;  // each may be null (= 0)
+  const acc_t* grad_ce;
+  const acc_t* grad_kl;
+  acc_t alpha;
+  const acc_t* row_ce;   // (n) per-row weights, or null for the upstream gradients above
+  const acc_t* row_kl;
+  const acc_t* largest;  // (2): max_i |row_ce_i|, max_i |row_kl_i| (with the vectors)
+};
+
+// The backward's gradients of rows [row_begin, row_begin + row_count) (every column's terms
+// read from the statistics of all n rows), and their share of d theta.
 template <typename acc_t>
 struct BackwardParams {
   const acc_t* unit;
@@ -69,17 +89,16 @@ struct BackwardParams {
   int padded_n, ld;
   const acc_t* norms;
   const acc_t* log_scale;
-  const acc_t* grad_loss;  // each may be null (= 0)
-  const acc_t* grad_ce;
-  const acc_t* grad_kl;
-  acc_t alpha, max_scale;
+  BackwardWeights<acc_t> weights;
+  acc_t max_scale;
   int n, d;
-  const acc_t* row_lse;
+  int row_begin, row_count;
+  const acc_t* row_lse;  // (n) each
   const acc_t* col_lse;
   const acc_t* row_kl;
-  acc_t* ds;  // (n, d) scratch: d loss / d s, then d loss / d z_s
+  acc_t* ds;  // (row_count, d) scratch: d loss / d s, then d loss / d z_s
   acc_t* dt;
-  void* grad_z_s;  // (n, d) contiguous, input dtype
+  void* grad_z_s;  // (row_count, d) contiguous, input dtype
   void* grad_z_t;
   double* block_dkappa;   // one partial per block
   acc_t* grad_log_scale;  // one value
@@ -232,7 +251,8 @@ __device__ __forceinline__ T read_published(const T* p) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
+// Launch 2 of the forward: per-row statistics of the range's rows, then (last block, for the
+// whole problem) the three scalars.
 template <typename Products, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams<acc_t> p) {
   ICD_SHARED(typename Products::Storage, tiles);
@@ -242,7 +262,8 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   const int n = p.n;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
   const auto [row, q] = thread_place();
-  const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int i0 = p.row_begin + blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int row_end = p.row_begin + p.row_count;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(*p.log_scale, p.max_scale));
   // Start the shifts at kappa (no rescaling ever needed below kFixedShiftMaxScale).
   const acc_t start = kappa <= kFixedShiftMaxScale ? kappa : static_cast<acc_t>(-INFINITY);
@@ -253,7 +274,7 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
     Products::cosine(tiles, rows, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int j = j0 + q + Traits::kThreadsPerRow * m;
-      if (i >= n || j >= n) continue;
+      if (i >= row_end || j >= n) continue;
       const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
       add_shifted(l_ij, shift_r, sum_r);
       const acc_t rescale = raise_shift(l_ji, shift_c);  // C and K share the shift
@@ -279,17 +300,19 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
     shift_c = mc.shift;
   }
   diag = row_group_sum(diag);  // only the thread that met j == i holds it
-  if (q == 0 && i < n) {
+  if (q == 0 && i < row_end) {
     const RowStats<acc_t> st = finalize_row<acc_t>(sum_r, shift_r, sum_c, shift_c, sum_k);
-    p.row_lse[i] = st.row_lse;
-    p.col_lse[i] = st.col_lse;
-    p.row_kl[i] = st.row_kl;
-    p.row_ce[i] = st.row_lse - diag;
+    const int local = i - p.row_begin;
+    p.row_lse[local] = st.row_lse;
+    p.col_lse[local] = st.col_lse;
+    p.row_kl[local] = st.row_kl;
+    p.row_ce[local] = st.row_lse - diag;
   }
 
-  if (last_block_to_finish(p.blocks_done, &is_last)) {
+  // A row range has no scalars and no counter (the same branch in every block).
+  if (p.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last)) {
     double ce = 0, kl = 0;
-    for (int r = threadIdx.x; r < n; r += Traits::kThreads) {
+    for (int r = threadIdx.x; r < p.row_count; r += Traits::kThreads) {
       ce += read_published(p.row_ce + r);
       kl += read_published(p.row_kl + r);
     }
@@ -323,38 +346,67 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
   static_cast<T*>(base)[index] = static_cast<T>(v);
 }
 
-// The upstream weights of the logit gradients G = w_ce A + w_kl B, divided by 2^e, the power
-// of two that brings the larger weight's magnitude into [1, 2): the G tiles hold G / 2^e, and
-// the sums of their products are multiplied by 2^e afterwards. On the tensor cores the tiles
-// are rounded to fp16, whose largest value is 65504: with torch.amp.GradScaler's default
+// The upstream weights of the logit gradients, divided by 2^e, the power of two that brings
+// the largest weight's magnitude over all rows into [1, 2): the G tiles hold G / 2^e, and the
+// sums of their products are multiplied by 2^e afterwards. On the tensor cores the tiles are
+// rounded to fp16, whose largest value is 65504: with torch.amp.GradScaler's default
 // upstream gradient of 2^16, the diagonal G_ii ~ -w_ce would become inf and every step be
 // skipped. With |A| <= 1 and |B| bounded by the logits (not by the weights) nothing
 // overflows, and scalings by powers of two are exact (no bits change in fp32/fp64 unless
 // the scaled G would be subnormal). A zero or non-finite weight keeps the scale 1, so that
 // inf/NaN propagate unchanged.
 template <typename acc_t>
-struct UpstreamWeights {
-  acc_t ce, kl;   // the weights divided by `scale`
-  double scale;   // 2^e
+struct RowWeights {
+  acc_t ce, kl;
 };
 template <typename acc_t>
-__device__ __forceinline__ UpstreamWeights<acc_t> scaled_upstream_weights(acc_t w_ce,
-                                                                         acc_t w_kl) {
-  const double largest =
-      std::fmax(std::fabs(static_cast<double>(w_ce)), std::fabs(static_cast<double>(w_kl)));
+struct ScaledWeights {
+  const acc_t* row_ce;  // per-row weights (unscaled), or null: `uniform` for every row
+  const acc_t* row_kl;
+  RowWeights<acc_t> uniform;  // scaled
+  acc_t inv_scale;            // 2^-e
+  double scale;               // 2^e
+  // The scaled weights of row i.
+  __device__ __forceinline__ RowWeights<acc_t> of(int i) const {
+    if (row_ce == nullptr) return uniform;
+    return {row_ce[i] * inv_scale, row_kl[i] * inv_scale};
+  }
+};
+
+// 2^e for the largest weight magnitudes over all rows.
+__device__ __forceinline__ double gradient_tile_scale(double largest_ce, double largest_kl) {
+  const double largest = std::fmax(std::fabs(largest_ce), std::fabs(largest_kl));
   int exponent = 0;
   if (largest > 0 && std::isfinite(largest)) {
     std::frexp(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
     --exponent;
   }
-  return {static_cast<acc_t>(std::ldexp(static_cast<double>(w_ce), -exponent)),
-          static_cast<acc_t>(std::ldexp(static_cast<double>(w_kl), -exponent)),
-          std::ldexp(1.0, exponent)};
+  return std::ldexp(1.0, exponent);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ ScaledWeights<acc_t> scaled_weights(const BackwardWeights<acc_t>& w,
+                                                              int n) {
+  ScaledWeights<acc_t> out{w.row_ce, w.row_kl, {acc_t(0), acc_t(0)}, acc_t(1), 1.0};
+  if (w.row_ce != nullptr) {
+    out.scale = gradient_tile_scale(w.largest[0], w.largest[1]);
+  } else {
+    // loss = (1/N) sum_i (CE_i + alpha k_i): every row carries the same weights.
+    const acc_t g_loss = w.grad_loss ? *w.grad_loss : acc_t(0);
+    const acc_t ce = (g_loss + (w.grad_ce ? *w.grad_ce : acc_t(0))) / static_cast<acc_t>(n);
+    const acc_t kl =
+        (w.alpha * g_loss + (w.grad_kl ? *w.grad_kl : acc_t(0))) / static_cast<acc_t>(n);
+    out.scale = gradient_tile_scale(ce, kl);
+    out.uniform = {static_cast<acc_t>(ce / out.scale), static_cast<acc_t>(kl / out.scale)};
+  }
+  out.inv_scale = static_cast<acc_t>(1.0 / out.scale);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------
-// The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
-// for the block's rows, then back through the normalisation, and (last block) d theta.
+// The backward, one launch: dS_I = kappa sum_J G_IJ T_J and dT_I = kappa sum_J G_JI^T S_J for
+// the block's rows of the range, then back through the normalisation, and (last block) the
+// range's share of d theta.
 template <typename Products, typename out_t, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
   ICD_SHARED(typename Products::Storage, tiles);
@@ -366,18 +418,17 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
   const acc_t *s = rows.s, *t = rows.t;  // for the normalisation's backward
   const int tid = threadIdx.x;
   const auto [row, q] = thread_place();
-  const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int i0 = p.row_begin + blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int local = i - p.row_begin;  // the row's place in ds, dt and the gradients
   const double log_scale = *p.log_scale;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(log_scale, p.max_scale));
-  const acc_t g_loss = p.grad_loss ? *p.grad_loss : acc_t(0);
-  const UpstreamWeights<acc_t> w = scaled_upstream_weights<acc_t>(
-      g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0)),
-      p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0)));
-  // kappa / N, and the weights' 2^e that the G tiles leave out.
-  const acc_t a = kappa / static_cast<acc_t>(n) * static_cast<acc_t>(w.scale);
-  const bool row_ok = i < n;
+  const ScaledWeights<acc_t> w = scaled_weights(p.weights, n);
+  // kappa, and the weights' 2^e that the G tiles leave out.
+  const acc_t a = kappa * static_cast<acc_t>(w.scale);
+  const bool row_ok = i < p.row_begin + p.row_count;
   const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
   const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
+  const RowWeights<acc_t> w_i = row_ok ? w.of(i) : RowWeights<acc_t>{acc_t(0), acc_t(0)};
   double dkappa = 0;
 
   const bool packed_grads = rows_packable(p.ds, d) && rows_packable(p.dt, d);
@@ -391,8 +442,9 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
       if (row_ok && j < n) {
         const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
         const acc_t r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
-        const RowTerms<acc_t> row_i{.r = r_i, .c = c_i, .k = k_i, .w_ce = w.ce, .w_kl = w.kl};
-        const RowTerms<acc_t> row_j{.r = r_j, .c = c_j, .k = k_j, .w_ce = w.ce, .w_kl = w.kl};
+        const RowWeights<acc_t> w_j = w.of(j);
+        const RowTerms<acc_t> row_i{.r = r_i, .c = c_i, .k = k_i, .w_ce = w_i.ce, .w_kl = w_i.kl};
+        const RowTerms<acc_t> row_j{.r = r_j, .c = c_j, .k = k_j, .w_ce = w_j.ce, .w_kl = w_j.kl};
         const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
             l_ij, l_ji, row_i, row_j, pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
             j == i ? acc_t(1) : acc_t(0));
@@ -408,7 +460,7 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
     Products::gradient(tiles, rows, j0,
                        [&](int col, const Pack16<acc_t>& sum_s, const Pack16<acc_t>& sum_t) {
       if (!row_ok || col >= d) return;
-      const int64_t at = static_cast<int64_t>(i) * d + col;
+      const int64_t at = static_cast<int64_t>(local) * d + col;
       accumulate_pack(p.ds + at, sum_s, a, j0 == 0, d - col, packed_grads);
       accumulate_pack(p.dt + at, sum_t, a, j0 == 0, d - col, packed_grads);
     });
@@ -419,17 +471,16 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
     const acc_t* unit_rows = side == 0 ? s : t;
     const acc_t* grad_rows = side == 0 ? p.ds : p.dt;
     void* out = side == 0 ? p.grad_z_s : p.grad_z_t;
+    const acc_t* unit_row = unit_rows + static_cast<int64_t>(i) * d;
+    const int64_t at = static_cast<int64_t>(local) * d;  // of the range's rows
     acc_t dot = 0;
     if (row_ok)
-      for (int c = q; c < d; c += Traits::kThreadsPerRow)
-        dot += unit_rows[static_cast<int64_t>(i) * d + c] * grad_rows[static_cast<int64_t>(i) * d + c];
+      for (int c = q; c < d; c += Traits::kThreadsPerRow) dot += unit_row[c] * grad_rows[at + c];
     dot = row_group_sum(dot);
     if (row_ok) {
       const acc_t norm = p.norms[side * n + i];
-      for (int c = q; c < d; c += Traits::kThreadsPerRow) {
-        const int64_t at = static_cast<int64_t>(i) * d + c;
-        store_as<out_t>(out, at, normalize_backward(grad_rows[at], unit_rows[at], dot, norm));
-      }
+      for (int c = q; c < d; c += Traits::kThreadsPerRow)
+        store_as<out_t>(out, at + c, normalize_backward(grad_rows[at + c], unit_row[c], dot, norm));
     }
   }
 
@@ -441,8 +492,8 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
       total += read_published(p.block_dkappa + b);
     total = block_sum(total, reduce_scratch);
     if (tid == 0)
-      *p.grad_log_scale = static_cast<acc_t>(total * w.scale / n *
-                                             scale_grad_factor(log_scale, p.max_scale));
+      *p.grad_log_scale =
+          static_cast<acc_t>(total * w.scale * scale_grad_factor(log_scale, p.max_scale));
   }
 }
 

@@ -53,6 +53,27 @@ std::vector<at::Tensor> emulated_backward(const std::optional<at::Tensor>& grad_
   return {gs, gt, gl};
 }
 
+std::vector<at::Tensor> emulated_forward_rows(const at::Tensor& z_s, const at::Tensor& z_t,
+                                              const at::Tensor& log_scale, int64_t row_begin,
+                                              int64_t row_count, double max_scale,
+                                              int compiled_arch, bool tf32) {
+  auto [r, c, k, ce, unit, norms] = icd_fast::cuda::forward_rows_impl(
+      EmulatedLaunch{.device_code_arch = compiled_arch, .use_tf32 = tf32}, z_s, z_t, log_scale,
+      row_begin, row_count, max_scale);
+  return {r, c, k, ce, unit, norms};
+}
+
+std::vector<at::Tensor> emulated_backward_rows(
+    const at::Tensor& unit, const at::Tensor& norms, const at::Tensor& log_scale,
+    const at::Tensor& r, const at::Tensor& c, const at::Tensor& k, const at::Tensor& weight_ce,
+    const at::Tensor& weight_kl, int64_t row_begin, int64_t row_count, double max_scale,
+    at::ScalarType grad_dtype, int compiled_arch, bool tf32) {
+  auto [gs, gt, gl] = icd_fast::cuda::backward_rows_impl(
+      EmulatedLaunch{.device_code_arch = compiled_arch, .use_tf32 = tf32}, unit, norms,
+      log_scale, r, c, k, weight_ce, weight_kl, row_begin, row_count, max_scale, grad_dtype);
+  return {gs, gt, gl};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -65,6 +86,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("row_kl"), pybind11::arg("alpha"), pybind11::arg("max_scale"),
         pybind11::arg("grad_dtype"), pybind11::arg("compiled_arch") = 90,
         pybind11::arg("tf32") = false);
+  m.def("forward_rows", &emulated_forward_rows, "", pybind11::arg("z_s"), pybind11::arg("z_t"),
+        pybind11::arg("log_scale"), pybind11::arg("row_begin"), pybind11::arg("row_count"),
+        pybind11::arg("max_scale"), pybind11::arg("compiled_arch") = 90,
+        pybind11::arg("tf32") = false);
+  m.def("backward_rows", &emulated_backward_rows, "", pybind11::arg("unit"),
+        pybind11::arg("norms"), pybind11::arg("log_scale"), pybind11::arg("row_lse"),
+        pybind11::arg("col_lse"), pybind11::arg("row_kl"), pybind11::arg("weight_ce"),
+        pybind11::arg("weight_kl"), pybind11::arg("row_begin"), pybind11::arg("row_count"),
+        pybind11::arg("max_scale"), pybind11::arg("grad_dtype"),
+        pybind11::arg("compiled_arch") = 90, pybind11::arg("tf32") = false);
   m.def("set_schedule", &cuda_emulation::set_schedule,
         "Blocks of the following launches: shuffled by seed (+1 per launch), so many at once",
         pybind11::arg("seed"), pybind11::arg("concurrent_blocks"));
