@@ -220,3 +220,21 @@ def test_cuda_row_ranges_match_whole(dtype, stat_rtol, grad_rtol, theta, max_sca
     for m in range(2):
         assert_rel_close(one[m].cpu(), want[m][500:501], grad_rtol, "one-row range",
                          floor=want[m].abs().max().item())
+
+
+def test_cuda_backward_takes_the_forwards_tf32_choice():
+    # A TF32 context around the forward alone: the backward must still form the forward's
+    # (TF32) logits, giving the same gradients as a run with TF32 on throughout.
+    z_s, z_t, th = on_gpu(300, 128, torch.float32, 1.0)
+    leaves = [x.clone().requires_grad_(True) for x in (z_s, z_t, th)]
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        _, throughout = loss_and_grads(fused, z_s, z_t, th)
+        loss = fused(*leaves)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        switched = torch.autograd.grad(loss, leaves)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    for a, b in zip(switched, throughout):
+        assert torch.equal(a, b)

@@ -356,3 +356,87 @@ def test_emul_row_range_bad_arguments(emulated):
         emulated.backward_rows(unit, norms, th, r, c, k, w[:9], w, 0, 10, 10.0, torch.float32)
     with pytest.raises(ValueError, match="within the N = 10 rows"):
         emulated.backward_rows(unit, norms, th, r, c, k, w, w, -1, 2, 10.0, torch.float32)
+
+
+def test_emul_backward_uses_the_forwards_tf32_choice(emulated):
+    # torch's TF32 setting is read by the forward alone and handed to the backward (the op's
+    # allow_tf32 argument): a setting changed between them (a context manager around the
+    # forward only) must not make the backward form other logits than the forward saved.
+    z_s, z_t, th = make_inputs(45, 24, torch.float32, seed=45, requires_grad=False)
+    g = torch.tensor(1.0)
+    for forward_tf32 in (True, False):
+        _, _, _, r, c, k, unit, norms = emulated.forward(z_s, z_t, th, 0.5, 10.0,
+                                                         ARCH_WITH_TENSOR_CORES, forward_tf32)
+        runs = {now: emulated.backward(g, None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                                       torch.float32, ARCH_WITH_TENSOR_CORES, forward_tf32,
+                                       torch_tf32_now=now)
+                for now in (True, False)}
+        other = emulated.backward(g, None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                                  torch.float32, ARCH_WITH_TENSOR_CORES, not forward_tf32)
+        for a, b in zip(runs[True], runs[False]):
+            assert torch.equal(a, b)  # the setting at backward time is not read
+        assert not torch.equal(runs[True][0], other[0])  # the carried choice decides
+
+
+# Small N: the column sweep split over the grid's second dimension (as on a GPU with many
+# more SMs than row tiles), each split's partial sums merged in split order by a second
+# launch. target_blocks stands for the GPU's 2 blocks per SM: 40 splits 64 rows into 2 x 2
+# blocks, 257 rows into 9 row tiles x 3 splits of 3 column tiles (the last one ragged), and
+# 1000 splits 100 rows into 4 x 4 (one tile per split).
+@pytest.mark.parametrize("n,d,target_blocks", [(64, 24, 40), (257, 37, 40), (100, 33, 1000)])
+@pytest.mark.parametrize("dtype,arch,rtol", [
+    (torch.float32, ARCH_WITH_TENSOR_CORES, 1e-5),
+    (torch.float64, ARCH_WITH_TENSOR_CORES, 1e-9),
+    (torch.float16, ARCH_WITH_TENSOR_CORES, 1e-2),
+], ids=["fp32", "fp64", "fp16-wmma"])
+def test_emul_column_splits_match_oracle(emulated, n, d, target_blocks, dtype, arch, rtol):
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=math.log(10.0), seed=n,
+                               requires_grad=False)
+    out = emulated.forward(z_s, z_t, th, 0.5, 10.0, arch, False, target_blocks)
+    loss, ce, kl, r, c, k, unit, norms = out
+    grads = emulated.backward(torch.tensor(1.0), None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                              dtype, arch, False, target_blocks=target_blocks)
+    (w_loss, w_ce, w_kl), w_grads = oracle(z_s, z_t, th)
+    for got, want in [(loss, w_loss), (ce, w_ce), (kl, w_kl)]:
+        assert_rel_close(got, want, min(rtol, 3e-4), f"loss N={n} split", floor=1.0)
+    assert_grads_match(grads, w_grads, n, d, rtol, f"N={n} D={d} split")
+    # Unsplit, the sums are associated differently: close, not the same bits.
+    unsplit = emulated.forward(z_s, z_t, th, 0.5, 10.0, arch, False, 1)
+    assert_rel_close(loss, unsplit[0], 1e-5 if dtype != torch.float64 else 1e-12, "unsplit")
+
+
+@pytest.mark.parametrize("arch", [ARCH_WITH_TENSOR_CORES, ARCH_WITHOUT], ids=["wmma", "simt"])
+def test_emul_column_splits_same_bits_in_any_block_order(emulated, arch):
+    z_s, z_t, th = make_inputs(100, 20, torch.float16, requires_grad=False)
+    runs = []
+    for seed, concurrent in [(1, 1), (7, 4), (123, 3)]:
+        emulated.set_schedule(seed, concurrent)
+        try:
+            out = emulated.forward(z_s, z_t, th, 0.5, 10.0, arch, False, 64)
+            grads = emulated.backward(torch.tensor(1.0), None, None, out[6], out[7], th, out[3],
+                                      out[4], out[5], 0.5, 10.0, torch.float16, arch, False,
+                                      target_blocks=64)
+        finally:
+            emulated.set_schedule(1, 3)
+        runs.append([*out[:6], *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_emul_row_range_with_column_splits(emulated):
+    n, d = 100, 16
+    z_s, z_t, th = make_inputs(n, d, torch.float64, log_scale=1.5, seed=3, requires_grad=False)
+    ranges = [(0, 40), (40, 60)]
+    parts = [emulated.forward_rows(z_s, z_t, th, b, c, 10.0, 90, False, 50) for b, c in ranges]
+    stats = [torch.cat([p[m] for p in parts]) for m in range(4)]
+    for got, want in zip(stats, row_terms_oracle(z_s, z_t, th)):
+        assert_rel_close(got, want, 1e-12, "split row statistics", floor=1.0)
+    weight_ce, weight_kl = range_weights(n, ranges)
+    grads = [emulated.backward_rows(parts[0][4], parts[0][5], th, *stats[:3], weight_ce,
+                                    weight_kl, b, c, 10.0, torch.float64, 90, False, 50)
+             for b, c in ranges]
+    got = [torch.cat([g[0] for g in grads]), torch.cat([g[1] for g in grads]),
+           sum(g[2] for g in grads)]
+    want = weighted_rows_oracle(z_s, z_t, th, weight_ce, weight_kl)
+    assert_grads_match(got, want, n, d, 1e-10, "split row ranges")

@@ -82,7 +82,7 @@ MUTATIONS = [
              "return compiled_arch * 10 >= ICD_FAST_TENSOR_CORE_MIN_ARCH;", "return true;"),
     Mutation("upstream-scaling-removed", "logit-gradient tiles hold the upstream weights "
              "unscaled (fp16 overflow at 2^16)", KERNELS,
-             "if (largest > 0 && std::isfinite(largest)) {", "if (false) {"),
+             "if (bound > 0 && std::isfinite(bound)) {", "if (false) {"),
     Mutation("fence-release-removed", "no __threadfence between a block's results and its "
              "counter increment", KERNELS,
              "  __threadfence();\n  __syncthreads();\n  if (threadIdx.x == 0) *flag",
