@@ -440,3 +440,43 @@ def test_emul_row_range_with_column_splits(emulated):
            sum(g[2] for g in grads)]
     want = weighted_rows_oracle(z_s, z_t, th, weight_ce, weight_kl)
     assert_grads_match(got, want, n, d, 1e-10, "split row ranges")
+
+
+def exact_half_rows(m, d, gen):
+    """Rows of four +-1/2 entries among d features: unit rows already, exact in fp16, so that
+    the tensor cores' operand rows add no rounding and every logit k * kappa / 4 is exact."""
+    support = torch.rand(m, d, generator=gen).argsort(dim=1)[:, :4]
+    signs = torch.randint(0, 2, (m, 4), generator=gen) * 2 - 1
+    return torch.zeros(m, d).scatter_(1, support, 0.5 * signs.float())
+
+
+def test_emul_fp16_gradient_tiles_at_n_65536(emulated):
+    # Off-diagonal logit gradients are ~ w/N. With the largest upstream weight merely scaled
+    # into [1, 2) they were fp16 subnormals at this N (about 8 significant bits); scaled from
+    # the bound |G| <= W_ce + W_kl (1 + 8 kappa) they stay normal. A worst case for it: kappa =
+    # 1 (every P_ij ~ 1/N), logits that take a few exact values (the same rounding error
+    # repeats instead of averaging out), and 32 rows whose teacher row equals the student
+    # row, so that the diagonal's gradient is normalised away and what is left is made of
+    # off-diagonal entries alone. The oracle at this N (an N x N reference would need 34 GB)
+    # is the fused CPU kernel in fp64, itself checked against the reference to 1e-10.
+    # Measured: 3.7e-4 / 3.6e-4 (z_s / z_t) relative, against 5.7e-3 / 3.6e-3 with the old
+    # scaling; fp32 gives 1.6e-4 here (the rows' gradients cancel to ~1e-3 of their terms).
+    n, d, begin, count = 65536, 8, 32773, 32
+    gen = torch.Generator().manual_seed(0)
+    z_s, z_t = exact_half_rows(n, d, gen), exact_half_rows(n, d, gen)
+    z_t[begin:begin + count] = z_s[begin:begin + count]
+    th = torch.tensor(0.0)
+    out = torch.ops.icd_fast.icd_forward(z_s.double(), z_t.double(), th.double(), 0.5, 10.0)
+    r, c, k, unit, norms = out[3:]
+    # GradScaler's 2^16 on the mean loss: per-row weights 2^16 / N.
+    weight_ce = torch.full((n,), 2.0 ** 16 / n, dtype=torch.float64)
+    weight_kl = 0.5 * weight_ce
+    want = torch.ops.icd_fast.icd_backward_rows(unit, norms, th.double(), r, c, k, weight_ce,
+                                                weight_kl, begin, count, 10.0, torch.float64,
+                                                False)
+    got = emulated.backward_rows(unit.float(), norms.float(), th, r.float(), c.float(),
+                                 k.float(), weight_ce.float(), weight_kl.float(), begin, count,
+                                 10.0, torch.float16, ARCH_WITH_TENSOR_CORES)
+    for g, w, name in zip(got[:2], want[:2], ["z_s", "z_t"]):
+        assert_rel_close(g, w, 1.5e-3, f"fp16 grad {name} at N = {n}")
+    assert_rel_close(got[2], want[2], 1e-5, "grad theta", floor=1e-12)

@@ -44,10 +44,14 @@ struct OperandRowsParams {
   int padded_n, ld;
 };
 
-// The tile kernels are bounded to at most 65536 / (3 x 128) = 168 registers a thread, so that
-// three blocks fit on an SM (their static shared memory, at most 36.9 KB, allows that on
-// sm_80 and sm_90 too); the launcher aims at two per SM (target_blocks).
-constexpr int kTileKernelMinBlocksPerSm = 3;
+// The tile kernels promise two resident blocks per SM (at most 255 registers a thread), what
+// the launcher's grid aims at (target_blocks). Measured with nvcc 13 (sm_80 / sm_90,
+// bench/kernel_occupancy.py on the build log): with __launch_bounds__(128) alone ptxas held
+// the fp32 CUDA-core forward at 128 registers and spilled (20 / 140 bytes), with a minimum
+// of 3 blocks (168 registers) the fp32 CUDA-core backward spilled 188 bytes; with 2 nothing
+// spills (about 200 registers on the CUDA cores, 2 blocks per SM; 120-170 on the tensor
+// cores, 3-4).
+constexpr int kTileKernelMinBlocksPerSm = 2;
 
 // The column sweep split over the grid's second dimension (small N: more blocks than row
 // blocks alone give): block (b, y) takes the column tiles [y tiles, (y + 1) tiles) of the 32
@@ -352,11 +356,11 @@ __global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
   const auto [row, q] = thread_place();
   const int i0 = p.row_begin + blockIdx.x * Traits::kTileRows, i = i0 + row;
-  const int row_end = p.row_begin + p.row_count;
+  const bool row_ok = i < p.row_begin + p.row_count;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(*p.log_scale, p.max_scale));
   // Start the shifts at kappa (no rescaling ever needed below kFixedShiftMaxScale).
   const acc_t start = kappa <= kFixedShiftMaxScale ? kappa : static_cast<acc_t>(-INFINITY);
-  RowPartial<acc_t> sums{start, 0, start, 0, 0, 0};
+  acc_t shift_r = start, sum_r = 0, shift_c = start, sum_c = 0, sum_k = 0, diag = 0;
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
   const int j_end = split_columns_end(p.split, n);
@@ -364,26 +368,27 @@ __global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
     Products::cosine(tiles, rows, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int j = j0 + q + Traits::kThreadsPerRow * m;
-      if (i >= row_end || j >= n) continue;
+      if (!row_ok || j >= n) continue;
       const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
-      add_shifted(l_ij, sums.shift_r, sums.sum_r);
-      const acc_t rescale = raise_shift(l_ji, sums.shift_c);  // C and K share the shift
-      sums.sum_c *= rescale;
-      sums.sum_k *= rescale;
-      const acc_t e = exp_acc<acc_t>(l_ji - sums.shift_c);
-      sums.sum_c += e;
-      sums.sum_k += e * (l_ji - l_ij);
-      if (j == i) sums.diag = l_ij;
+      add_shifted(l_ij, shift_r, sum_r);
+      const acc_t rescale = raise_shift(l_ji, shift_c);  // C and K share the shift
+      sum_c *= rescale;
+      sum_k *= rescale;
+      const acc_t e = exp_acc<acc_t>(l_ji - shift_c);
+      sum_c += e;
+      sum_k += e * (l_ji - l_ij);
+      if (j == i) diag = l_ij;
     }
   }
   // Merge the four threads of the row (only the thread that met j == i holds the diagonal).
+  RowPartial<acc_t> sums{shift_r, sum_r, shift_c, sum_c, sum_k, diag};
   for (int mask = 1; mask < Traits::kThreadsPerRow; mask <<= 1) {
     const RowPartial<acc_t> other{shuffle_xor(sums.shift_r, mask), shuffle_xor(sums.sum_r, mask),
                                   shuffle_xor(sums.shift_c, mask), shuffle_xor(sums.sum_c, mask),
                                   shuffle_xor(sums.sum_k, mask), shuffle_xor(sums.diag, mask)};
     merge_partial(sums, other);
   }
-  const bool writes = q == 0 && i < row_end;
+  const bool writes = q == 0 && row_ok;
   if (p.split.splits > 1) {
     // Split columns: forward_merge_kernel adds up the splits' sums and reduces the scalars.
     if (writes) p.partials[static_cast<int64_t>(blockIdx.y) * p.row_count + (i - p.row_begin)] = sums;
