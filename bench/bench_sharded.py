@@ -54,7 +54,7 @@ def share_step(forward_rows, backward_rows, z_s, z_t, theta, rows: int):
     stats = [x.repeat((n + rows - 1) // rows)[:n] for x in (r, c, k)]
     weight = torch.full((n,), 1.0 / n)
     return backward_rows(unit, norms, theta, *stats, weight, weight, 0, rows, 10.0,
-                         torch.float32)
+                         torch.float32, False)
 
 
 def whole_step(backend: str, z_s, z_t, theta):

@@ -111,7 +111,8 @@ def row_range_status(device, gen, ops=None) -> str:
         for begin, count in ROW_RANGES:
             *_, unit, norms = ops.icd_forward_rows(z_s, z_t, log_scale, begin, count, max_scale)
             ops.icd_backward_rows(unit, norms, log_scale, *all_rows[:3], weight_ce, weight_kl,
-                                  begin, count, max_scale, dtype)
+                                  begin, count, max_scale, dtype,
+                                  bool(torch.backends.cuda.matmul.allow_tf32))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             runs += 1

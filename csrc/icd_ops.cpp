@@ -36,11 +36,13 @@ TORCH_LIBRARY(icd_fast, m) {
       "(Tensor loss, Tensor ce, Tensor kl, Tensor row_lse, Tensor col_lse, Tensor row_kl, "
       "Tensor unit, Tensor norms)");
   // Gradients of  grad_loss * loss + grad_ce * ce + grad_kl * kl  (a missing upstream
-  // gradient counts as 0).
+  // gradient counts as 0). allow_tf32: the TF32 setting the forward ran under (torch's
+  // allow_tf32 for matmuls when it ran), so that the CUDA backward forms the same logits as
+  // the forward whatever the setting is now; the CPU kernel ignores it.
   m.def(
       "icd_backward(Tensor? grad_loss, Tensor? grad_ce, Tensor? grad_kl, Tensor unit, "
       "Tensor norms, Tensor log_scale, Tensor row_lse, Tensor col_lse, Tensor row_kl, "
-      "float alpha, float max_scale, ScalarType grad_dtype) -> "
+      "float alpha, float max_scale, ScalarType grad_dtype, bool allow_tf32) -> "
       "(Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
   // The sharded loss (one rank's share, icd_fast/distributed.py): the statistics of rows
   // [row_begin, row_begin + row_count) of the problem formed by all ranks' features (N x D),
@@ -52,11 +54,11 @@ TORCH_LIBRARY(icd_fast, m) {
       "Tensor row_ce, Tensor unit, Tensor norms)");
   // Gradients of  sum_i (weight_ce_i * CE_i + weight_kl_i * k_i)  over all N rows (statistics
   // and weights of all N rows given) with respect to the z_s and z_t rows of the range, and
-  // the range's share of the gradient of log_scale.
+  // the range's share of the gradient of log_scale. allow_tf32 as for icd_backward.
   m.def(
       "icd_backward_rows(Tensor unit, Tensor norms, Tensor log_scale, Tensor row_lse, "
       "Tensor col_lse, Tensor row_kl, Tensor weight_ce, Tensor weight_kl, int row_begin, "
-      "int row_count, float max_scale, ScalarType grad_dtype) -> "
+      "int row_count, float max_scale, ScalarType grad_dtype, bool allow_tf32) -> "
       "(Tensor grad_z_s, Tensor grad_z_t, Tensor grad_log_scale)");
   m.def("build_info() -> str", &build_info_json);
 }

@@ -100,6 +100,13 @@ def refuse_double_backward() -> None:
         raise RuntimeError(DOUBLE_BACKWARD_MESSAGE)
 
 
+def forward_allow_tf32() -> bool:
+    """The TF32 setting a fused forward runs under (the CUDA kernel reads the same flag when
+    it is called), saved by the autograd rules and handed to the backward op: the backward
+    must form the same logits as its forward even where the setting changed in between."""
+    return bool(torch.backends.cuda.matmul.allow_tf32)
+
+
 if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("icd_fast::icd_forward")
@@ -115,7 +122,7 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("icd_fast::icd_backward")
     def _icd_backward_fake(grad_loss, grad_ce, grad_kl, unit, norms, log_scale, row_lse,
-                           col_lse, row_kl, alpha, max_scale, grad_dtype):
+                           col_lse, row_kl, alpha, max_scale, grad_dtype, allow_tf32):
         if unit.dim() != 3 or unit.shape[0] != 2:
             raise ValueError(f"unit must be the (2, N, D) unit features saved by icd_forward, "
                              f"got shape {tuple(unit.shape)}")
@@ -136,7 +143,8 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("icd_fast::icd_backward_rows")
     def _icd_backward_rows_fake(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce,
-                                weight_kl, row_begin, row_count, max_scale, grad_dtype):
+                                weight_kl, row_begin, row_count, max_scale, grad_dtype,
+                                allow_tf32):
         return (unit.new_empty((row_count, unit.shape[2]), dtype=grad_dtype),
                 unit.new_empty((row_count, unit.shape[2]), dtype=grad_dtype),
                 log_scale.new_empty(log_scale.shape))
@@ -147,7 +155,7 @@ if EXTENSION_ERROR is None:
         log_scale, row_lse, col_lse, row_kl, unit, norms = ctx.saved_tensors
         return torch.ops.icd_fast.icd_backward(
             grad_loss, grad_ce, grad_kl, unit, norms, log_scale, row_lse, col_lse, row_kl,
-            ctx.alpha, ctx.max_scale, ctx.grad_dtype)
+            ctx.alpha, ctx.max_scale, ctx.grad_dtype, ctx.allow_tf32)
 
     def _forward_setup_context(ctx, inputs, output):
         z_s, z_t, log_scale, alpha, max_scale = inputs
@@ -156,6 +164,7 @@ if EXTENSION_ERROR is None:
         ctx.grad_dtype = z_s.dtype
         ctx.alpha = alpha
         ctx.max_scale = max_scale
+        ctx.allow_tf32 = forward_allow_tf32()
 
     def _forward_backward(ctx, grad_loss, grad_ce, grad_kl, *_grad_saved):
         # The row statistics are internal outputs, returned only to be saved for the backward.

@@ -92,6 +92,7 @@ class RowRangeICD(torch.autograd.Function):
         ctx.alpha, ctx.max_scale, ctx.group, ctx.world = alpha, max_scale, group, world
         ctx.begin, ctx.rows, ctx.grad_dtype = begin, rows, z_s.dtype
         ctx.implementation = implementation
+        ctx.allow_tf32 = _ops.forward_allow_tf32()  # the backward forms the same logits
         ctx.set_materialize_grads(False)
         return ce + alpha * kl, ce, kl
 
@@ -117,5 +118,5 @@ class RowRangeICD(torch.autograd.Function):
         weight_ce, weight_kl = weights.repeat_interleave(ctx.rows, dim=0).T.contiguous()
         grad_z_s, grad_z_t, grad_log_scale = ctx.implementation.backward_rows(
             unit, norms, log_scale.detach(), row_lse, col_lse, row_kl, weight_ce, weight_kl,
-            ctx.begin, ctx.rows, ctx.max_scale, ctx.grad_dtype)
+            ctx.begin, ctx.rows, ctx.max_scale, ctx.grad_dtype, ctx.allow_tf32)
         return grad_z_s, grad_z_t, grad_log_scale, None, None, None, None

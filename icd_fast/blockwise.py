@@ -99,7 +99,7 @@ def backward_rows(unit: torch.Tensor, norms: torch.Tensor, log_scale: torch.Tens
                   row_lse: torch.Tensor, col_lse: torch.Tensor, row_kl: torch.Tensor,
                   weight_ce: torch.Tensor, weight_kl: torch.Tensor, row_begin: int,
                   row_count: int, max_scale: float, grad_dtype: torch.dtype,
-                  tile: Optional[int] = None):
+                  allow_tf32: bool = False, tile: Optional[int] = None):
     """Gradients of ``sum_i (weight_ce_i CE_i + weight_kl_i k_i)`` over all N rows with respect
     to the z_s and z_t rows of the range, and the range's share of its gradient by log_scale.
 
@@ -108,7 +108,23 @@ def backward_rows(unit: torch.Tensor, norms: torch.Tensor, log_scale: torch.Tens
     ``G_ij = w_ce_i (P_ij - d_ij) + w_kl_i (P_ij - Q_ij) + w_kl_j Q_ji (h_ji - k_j)``,
     the owner of rows I forms ``dS_I = kappa G_IJ T_J`` and ``dT_I = kappa G_JI^T S_J`` over
     every column tile J: complete gradients of its own rows, nothing for other rows.
+    ``allow_tf32`` is the TF32 setting its forward ran under: the backward's products take the
+    same one (on a GPU, float32), so that they form the forward's logits.
     """
+    matmul = torch.backends.cuda.matmul
+    if matmul.allow_tf32 == allow_tf32:
+        return _backward_rows(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce,
+                              weight_kl, row_begin, row_count, max_scale, grad_dtype, tile)
+    before, matmul.allow_tf32 = matmul.allow_tf32, allow_tf32
+    try:
+        return _backward_rows(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce,
+                              weight_kl, row_begin, row_count, max_scale, grad_dtype, tile)
+    finally:
+        matmul.allow_tf32 = before
+
+
+def _backward_rows(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce, weight_kl,
+                   row_begin, row_count, max_scale, grad_dtype, tile):
     n = unit.shape[1]
     _check_range(row_begin, row_count, n)
     tile = tile or DEFAULT_TILE

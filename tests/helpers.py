@@ -66,3 +66,27 @@ def printed_table(text: str, name: str) -> dict:
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
             rows[cells[0]] = cells
     return rows
+
+
+def row_terms_oracle(z_s, z_t, theta, max_scale=10.0):
+    """The per-row terms of the loss in float64, straight from the N x N logits: r_i, c_i,
+    k_i and CE_i = r_i - L_ii (the loss is mean(CE) + alpha mean(k)). Differentiable."""
+    s = torch.nn.functional.normalize(z_s.double(), dim=1)
+    t = torch.nn.functional.normalize(z_t.double(), dim=1)
+    kappa = torch.clamp(theta.double().exp(), 0, max_scale)
+    logits = kappa * s @ t.T
+    log_p = torch.log_softmax(logits, dim=1)    # log P_ij
+    log_q = torch.log_softmax(logits.T, dim=1)  # log Q_ij = log softmax_j(L_ji)
+    r = torch.logsumexp(logits, dim=1)
+    c = torch.logsumexp(logits, dim=0)
+    k = (log_q.exp() * (log_q - log_p)).sum(dim=1)
+    ce = -torch.diagonal(log_p)
+    return r, c, k, ce
+
+
+def weighted_rows_oracle(z_s, z_t, theta, weight_ce, weight_kl, max_scale=10.0):
+    """float64 gradients of sum_i (weight_ce_i CE_i + weight_kl_i k_i) w.r.t. z_s, z_t, theta."""
+    leaves = [x.detach().double().requires_grad_() for x in (z_s, z_t, theta)]
+    _, _, k, ce = row_terms_oracle(*leaves, max_scale=max_scale)
+    total = (weight_ce.double() * ce).sum() + (weight_kl.double() * k).sum()
+    return torch.autograd.grad(total, leaves)

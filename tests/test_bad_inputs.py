@@ -66,13 +66,13 @@ def test_raw_backward_rejects_mismatched_statistics():
     r, c, k, unit, norms = out[3:]
     with pytest.raises(ValueError, match="saved row statistics"):
         torch.ops.icd_fast.icd_backward(g, g, g, unit, norms, GOOD["log_scale"], r[:5], c, k,
-                                        0.5, 10.0, torch.float32)
+                                        0.5, 10.0, torch.float32, False)
     with pytest.raises(ValueError, match=r"unit must be the \(2, N, D\)"):
         torch.ops.icd_fast.icd_backward(g, g, g, unit[0], norms, GOOD["log_scale"], r, c, k,
-                                        0.5, 10.0, torch.float32)
+                                        0.5, 10.0, torch.float32, False)
     with pytest.raises(ValueError, match="norms must be"):
         torch.ops.icd_fast.icd_backward(g, g, g, unit, norms[:, :3], GOOD["log_scale"], r, c,
-                                        k, 0.5, 10.0, torch.float32)
+                                        k, 0.5, 10.0, torch.float32, False)
 
 
 def test_bias_must_be_a_scalar():

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import icd_fast
-from helpers import assert_grads_match, assert_rel_close, loss_and_grads, oracle
+from helpers import (assert_grads_match, assert_rel_close, loss_and_grads, oracle,
+                     row_terms_oracle, weighted_rows_oracle)
 
 pytestmark = [
     pytest.mark.cuda,
@@ -172,3 +173,68 @@ def test_cuda_launch_counts_at_small_n(dtype):
     ours = [n for n in backward_names
             if "icd_fast" in n or "fill" in n.lower() or "memset" in n.lower()]
     assert 1 <= len(ours) <= 3, backward_names
+
+
+# The row-range ops of the sharded loss (as tests/test_cuda_emul.py checks them under the
+# emulation): N = 1000 in three ranges that do not start on a 32-row tile, plus one row.
+ROW_RANGES = [(0, 333), (333, 334), (667, 333)]
+
+
+@pytest.mark.parametrize("theta,max_scale", [(math.log(10.0), 10.0), (math.log(60.0), 100.0)],
+                         ids=["fixed-shift", "online-max"])
+@pytest.mark.parametrize("dtype,stat_rtol,grad_rtol", [
+    (torch.float64, 1e-10, 1e-9), (torch.float32, 1e-5, 1e-5),
+    (torch.float16, 2e-3, 1e-2), (torch.bfloat16, 2e-2, 3e-2)], ids=str)
+def test_cuda_row_ranges_match_whole(dtype, stat_rtol, grad_rtol, theta, max_scale):
+    n, d = 1000, 64
+    z_s, z_t, _ = on_gpu(n, d, dtype, theta, seed=16)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    th = torch.tensor(theta, device="cuda", dtype=acc)
+    ops = torch.ops.icd_fast
+    parts = [ops.icd_forward_rows(z_s, z_t, th, begin, count, max_scale)
+             for begin, count in ROW_RANGES]
+    stats = [torch.cat([p[m] for p in parts]) for m in range(4)]
+    want_stats = row_terms_oracle(z_s.cpu(), z_t.cpu(), th.cpu(), max_scale=max_scale)
+    for got, want in zip(stats, want_stats):
+        assert got.dtype == acc
+        assert_rel_close(got.cpu(), want, stat_rtol, f"row statistics {dtype}", floor=1.0)
+    whole = ops.icd_forward(z_s, z_t, th, 0.5, max_scale)
+    for got, want in zip(stats[:3], whole[3:6]):
+        assert torch.equal(got, want)  # each row meets the same columns in the same order
+    unit, norms = parts[0][4], parts[0][5]
+    weight_ce = torch.empty(n, dtype=torch.float64)
+    weight_kl = torch.empty(n, dtype=torch.float64)
+    for b, (begin, count) in enumerate(ROW_RANGES):
+        weight_ce[begin:begin + count] = (1.0 + 0.5 * b) / n
+        weight_kl[begin:begin + count] = (0.25 - 0.6 * b) / n
+    w_ce, w_kl = (w.to("cuda", acc) for w in (weight_ce, weight_kl))
+    r, c, k = stats[:3]
+    grads = [ops.icd_backward_rows(unit, norms, th, r, c, k, w_ce, w_kl, begin, count,
+                                   max_scale, dtype) for begin, count in ROW_RANGES]
+    got = [torch.cat([g[0] for g in grads]).cpu(), torch.cat([g[1] for g in grads]).cpu(),
+           sum(g[2] for g in grads).cpu()]
+    want = weighted_rows_oracle(z_s.cpu(), z_t.cpu(), th.cpu(), weight_ce, weight_kl,
+                                max_scale=max_scale)
+    assert_grads_match(got, want, n, d, grad_rtol, f"row ranges {dtype}")
+    one = ops.icd_backward_rows(unit, norms, th, r, c, k, w_ce, w_kl, 500, 1, max_scale, dtype)
+    for m in range(2):
+        assert_rel_close(one[m].cpu(), want[m][500:501], grad_rtol, "one-row range",
+                         floor=want[m].abs().max().item())
+
+
+def test_cuda_backward_takes_the_forwards_tf32_choice():
+    # A TF32 context around the forward alone: the backward must still form the forward's
+    # (TF32) logits, giving the same gradients as a run with TF32 on throughout.
+    z_s, z_t, th = on_gpu(300, 128, torch.float32, 1.0)
+    leaves = [x.clone().requires_grad_(True) for x in (z_s, z_t, th)]
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        _, throughout = loss_and_grads(fused, z_s, z_t, th)
+        loss = fused(*leaves)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        switched = torch.autograd.grad(loss, leaves)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    for a, b in zip(switched, throughout):
+        assert torch.equal(a, b)

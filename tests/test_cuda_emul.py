@@ -13,7 +13,8 @@ import torch
 from torch.utils import cpp_extension
 
 import icd_fast
-from helpers import assert_grads_match, assert_rel_close, make_inputs, oracle
+from helpers import (assert_grads_match, assert_rel_close, make_inputs, oracle,
+                     row_terms_oracle, weighted_rows_oracle)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -270,3 +271,212 @@ def test_emul_backward_reads_unaligned_saved_rows(emulated, dtype):
                             dtype)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+# The row-range ops of the sharded loss: N = 100 split as three ranks would (33 / 34 / 33
+# rows, none starting on a 32-row tile) plus a one-row range; each range's upstream weights
+# differ, as each rank's share of the loss has its own upstream gradient.
+ROW_RANGES = [(0, 33), (33, 34), (67, 33)]
+ROW_RANGE_CASES = [  # dtype, arch, tolerance of the statistics, of the gradients
+    (torch.float64, ARCH_WITH_TENSOR_CORES, 1e-10, 1e-9),
+    (torch.float32, ARCH_WITH_TENSOR_CORES, 1e-5, 1e-5),
+    # 16-bit: the tensor cores read unit rows rounded to 16 bits, an error of kappa 2^-11
+    # (fp16) or kappa 2^-8 (bf16) in the logits.
+    (torch.float16, ARCH_WITH_TENSOR_CORES, 2e-3, 1e-2),
+    (torch.bfloat16, ARCH_WITH_TENSOR_CORES, 2e-2, 3e-2),
+]
+
+
+def range_weights(n, ranges):
+    """Per-row weights (1/N times a different factor per range, as per-rank upstream
+    gradients give), and a KL weight that differs from the CE weight."""
+    weight_ce = torch.empty(n, dtype=torch.float64)
+    weight_kl = torch.empty(n, dtype=torch.float64)
+    for b, (begin, count) in enumerate(ranges):
+        weight_ce[begin:begin + count] = (1.0 + 0.5 * b) / n
+        weight_kl[begin:begin + count] = (0.25 - 0.6 * b) / n
+    return weight_ce, weight_kl
+
+
+@pytest.mark.parametrize("theta,max_scale", [(math.log(10.0), 10.0), (math.log(60.0), 100.0)],
+                         ids=["fixed-shift", "online-max"])
+@pytest.mark.parametrize("dtype,arch,stat_rtol,grad_rtol", ROW_RANGE_CASES,
+                         ids=["fp64", "fp32", "fp16-wmma", "bf16-wmma"])
+def test_emul_row_ranges_match_whole(emulated, dtype, arch, stat_rtol, grad_rtol, theta,
+                                     max_scale):
+    n, d = 100, 24
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=theta, seed=16, requires_grad=False)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    want_stats = row_terms_oracle(z_s, z_t, th, max_scale=max_scale)
+    parts = [emulated.forward_rows(z_s, z_t, th, begin, count, max_scale, arch)
+             for begin, count in ROW_RANGES]
+    stats = [torch.cat([p[m] for p in parts]) for m in range(4)]  # r, c, k, CE
+    for got, want, name in zip(stats, want_stats, ["row_lse", "col_lse", "row_kl", "row_ce"]):
+        assert got.dtype == acc and got.shape == (n,)
+        assert_rel_close(got, want, stat_rtol, f"{name} {dtype}", floor=1.0)
+    # The same bits as the whole problem's op: each row meets the same columns in the same
+    # order, whatever range it is computed in.
+    whole = emulated.forward(z_s, z_t, th, 0.5, max_scale, arch)
+    for got, want in zip(stats[:3], whole[3:6]):
+        assert torch.equal(got, want)
+    one = emulated.forward_rows(z_s, z_t, th, 50, 1, max_scale, arch)
+    for m in range(4):
+        assert_rel_close(one[m], want_stats[m][50:51], stat_rtol, "one-row range", floor=1.0)
+    unit, norms = parts[0][4], parts[0][5]
+    assert unit.shape == (2, n, d) and norms.shape == (2, n)
+
+    # Backward: each range with the statistics of all N rows and everyone's weights.
+    weight_ce, weight_kl = range_weights(n, ROW_RANGES)
+    r, c, k = stats[:3]
+    grads = [emulated.backward_rows(unit, norms, th, r, c, k, weight_ce.to(acc),
+                                    weight_kl.to(acc), begin, count, max_scale, dtype, arch)
+             for begin, count in ROW_RANGES]
+    got = [torch.cat([g[0] for g in grads]), torch.cat([g[1] for g in grads]),
+           sum(g[2] for g in grads)]
+    assert got[0].dtype == dtype and got[2].dtype == th.dtype
+    want = weighted_rows_oracle(z_s, z_t, th, weight_ce, weight_kl, max_scale=max_scale)
+    assert_grads_match(got, want, n, d, grad_rtol, f"row ranges {dtype}")
+    one = emulated.backward_rows(unit, norms, th, r, c, k, weight_ce.to(acc), weight_kl.to(acc),
+                                 50, 1, max_scale, dtype, arch)
+    assert_rel_close(one[0], want[0][50:51], grad_rtol, "one-row range grad z_s",
+                     floor=want[0].abs().max().item())
+    assert_rel_close(one[1], want[1][50:51], grad_rtol, "one-row range grad z_t",
+                     floor=want[1].abs().max().item())
+
+
+def test_emul_row_range_bad_arguments(emulated):
+    z_s, z_t, th = make_inputs(10, 4, requires_grad=False)
+    with pytest.raises(ValueError, match="row_count"):
+        emulated.forward_rows(z_s, z_t, th, 0, 0, 10.0)
+    with pytest.raises(ValueError, match="within the N = 10 rows"):
+        emulated.forward_rows(z_s, z_t, th, 8, 3, 10.0)
+    r, c, k, _, unit, norms = emulated.forward_rows(z_s, z_t, th, 0, 10, 10.0)
+    w = torch.ones(10)
+    with pytest.raises(ValueError, match="per-row weights"):
+        emulated.backward_rows(unit, norms, th, r, c, k, w[:9], w, 0, 10, 10.0, torch.float32)
+    with pytest.raises(ValueError, match="within the N = 10 rows"):
+        emulated.backward_rows(unit, norms, th, r, c, k, w, w, -1, 2, 10.0, torch.float32)
+
+
+def test_emul_backward_uses_the_forwards_tf32_choice(emulated):
+    # torch's TF32 setting is read by the forward alone and handed to the backward (the op's
+    # allow_tf32 argument): a setting changed between them (a context manager around the
+    # forward only) must not make the backward form other logits than the forward saved.
+    z_s, z_t, th = make_inputs(45, 24, torch.float32, seed=45, requires_grad=False)
+    g = torch.tensor(1.0)
+    for forward_tf32 in (True, False):
+        _, _, _, r, c, k, unit, norms = emulated.forward(z_s, z_t, th, 0.5, 10.0,
+                                                         ARCH_WITH_TENSOR_CORES, forward_tf32)
+        runs = {now: emulated.backward(g, None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                                       torch.float32, ARCH_WITH_TENSOR_CORES, forward_tf32,
+                                       torch_tf32_now=now)
+                for now in (True, False)}
+        other = emulated.backward(g, None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                                  torch.float32, ARCH_WITH_TENSOR_CORES, not forward_tf32)
+        for a, b in zip(runs[True], runs[False]):
+            assert torch.equal(a, b)  # the setting at backward time is not read
+        assert not torch.equal(runs[True][0], other[0])  # the carried choice decides
+
+
+# Small N: the column sweep split over the grid's second dimension (as on a GPU with many
+# more SMs than row tiles), each split's partial sums merged in split order by a second
+# launch. target_blocks stands for the GPU's 2 blocks per SM: 40 splits 64 rows into 2 x 2
+# blocks, 257 rows into 9 row tiles x 3 splits of 3 column tiles (the last one ragged), and
+# 1000 splits 100 rows into 4 x 4 (one tile per split).
+@pytest.mark.parametrize("n,d,target_blocks", [(64, 24, 40), (257, 37, 40), (100, 33, 1000)])
+@pytest.mark.parametrize("dtype,arch,rtol", [
+    (torch.float32, ARCH_WITH_TENSOR_CORES, 1e-5),
+    (torch.float64, ARCH_WITH_TENSOR_CORES, 1e-9),
+    (torch.float16, ARCH_WITH_TENSOR_CORES, 1e-2),
+], ids=["fp32", "fp64", "fp16-wmma"])
+def test_emul_column_splits_match_oracle(emulated, n, d, target_blocks, dtype, arch, rtol):
+    z_s, z_t, th = make_inputs(n, d, dtype, log_scale=math.log(10.0), seed=n,
+                               requires_grad=False)
+    out = emulated.forward(z_s, z_t, th, 0.5, 10.0, arch, False, target_blocks)
+    loss, ce, kl, r, c, k, unit, norms = out
+    grads = emulated.backward(torch.tensor(1.0), None, None, unit, norms, th, r, c, k, 0.5, 10.0,
+                              dtype, arch, False, target_blocks=target_blocks)
+    (w_loss, w_ce, w_kl), w_grads = oracle(z_s, z_t, th)
+    for got, want in [(loss, w_loss), (ce, w_ce), (kl, w_kl)]:
+        assert_rel_close(got, want, min(rtol, 3e-4), f"loss N={n} split", floor=1.0)
+    assert_grads_match(grads, w_grads, n, d, rtol, f"N={n} D={d} split")
+    # Unsplit, the sums are associated differently: close, not the same bits.
+    unsplit = emulated.forward(z_s, z_t, th, 0.5, 10.0, arch, False, 1)
+    assert_rel_close(loss, unsplit[0], 1e-5 if dtype != torch.float64 else 1e-12, "unsplit")
+
+
+@pytest.mark.parametrize("arch", [ARCH_WITH_TENSOR_CORES, ARCH_WITHOUT], ids=["wmma", "simt"])
+def test_emul_column_splits_same_bits_in_any_block_order(emulated, arch):
+    z_s, z_t, th = make_inputs(100, 20, torch.float16, requires_grad=False)
+    runs = []
+    for seed, concurrent in [(1, 1), (7, 4), (123, 3)]:
+        emulated.set_schedule(seed, concurrent)
+        try:
+            out = emulated.forward(z_s, z_t, th, 0.5, 10.0, arch, False, 64)
+            grads = emulated.backward(torch.tensor(1.0), None, None, out[6], out[7], th, out[3],
+                                      out[4], out[5], 0.5, 10.0, torch.float16, arch, False,
+                                      target_blocks=64)
+        finally:
+            emulated.set_schedule(1, 3)
+        runs.append([*out[:6], *grads])
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+def test_emul_row_range_with_column_splits(emulated):
+    n, d = 100, 16
+    z_s, z_t, th = make_inputs(n, d, torch.float64, log_scale=1.5, seed=3, requires_grad=False)
+    ranges = [(0, 40), (40, 60)]
+    parts = [emulated.forward_rows(z_s, z_t, th, b, c, 10.0, 90, False, 50) for b, c in ranges]
+    stats = [torch.cat([p[m] for p in parts]) for m in range(4)]
+    for got, want in zip(stats, row_terms_oracle(z_s, z_t, th)):
+        assert_rel_close(got, want, 1e-12, "split row statistics", floor=1.0)
+    weight_ce, weight_kl = range_weights(n, ranges)
+    grads = [emulated.backward_rows(parts[0][4], parts[0][5], th, *stats[:3], weight_ce,
+                                    weight_kl, b, c, 10.0, torch.float64, 90, False, 50)
+             for b, c in ranges]
+    got = [torch.cat([g[0] for g in grads]), torch.cat([g[1] for g in grads]),
+           sum(g[2] for g in grads)]
+    want = weighted_rows_oracle(z_s, z_t, th, weight_ce, weight_kl)
+    assert_grads_match(got, want, n, d, 1e-10, "split row ranges")
+
+
+def exact_half_rows(m, d, gen):
+    """Rows of four +-1/2 entries among d features: unit rows already, exact in fp16, so that
+    the tensor cores' operand rows add no rounding and every logit k * kappa / 4 is exact."""
+    support = torch.rand(m, d, generator=gen).argsort(dim=1)[:, :4]
+    signs = torch.randint(0, 2, (m, 4), generator=gen) * 2 - 1
+    return torch.zeros(m, d).scatter_(1, support, 0.5 * signs.float())
+
+
+def test_emul_fp16_gradient_tiles_at_n_65536(emulated):
+    # Off-diagonal logit gradients are ~ w/N. With the largest upstream weight merely scaled
+    # into [1, 2) they were fp16 subnormals at this N (about 8 significant bits); scaled from
+    # the bound |G| <= W_ce + W_kl (1 + 8 kappa) they stay normal. A worst case for it: kappa =
+    # 1 (every P_ij ~ 1/N), logits that take a few exact values (the same rounding error
+    # repeats instead of averaging out), and 32 rows whose teacher row equals the student
+    # row, so that the diagonal's gradient is normalised away and what is left is made of
+    # off-diagonal entries alone. The oracle at this N (an N x N reference would need 34 GB)
+    # is the fused CPU kernel in fp64, itself checked against the reference to 1e-10.
+    # Measured: 3.7e-4 / 3.6e-4 (z_s / z_t) relative, against 5.7e-3 / 3.6e-3 with the old
+    # scaling; fp32 gives 1.6e-4 here (the rows' gradients cancel to ~1e-3 of their terms).
+    n, d, begin, count = 65536, 8, 32773, 32
+    gen = torch.Generator().manual_seed(0)
+    z_s, z_t = exact_half_rows(n, d, gen), exact_half_rows(n, d, gen)
+    z_t[begin:begin + count] = z_s[begin:begin + count]
+    th = torch.tensor(0.0)
+    out = torch.ops.icd_fast.icd_forward(z_s.double(), z_t.double(), th.double(), 0.5, 10.0)
+    r, c, k, unit, norms = out[3:]
+    # GradScaler's 2^16 on the mean loss: per-row weights 2^16 / N.
+    weight_ce = torch.full((n,), 2.0 ** 16 / n, dtype=torch.float64)
+    weight_kl = 0.5 * weight_ce
+    want = torch.ops.icd_fast.icd_backward_rows(unit, norms, th.double(), r, c, k, weight_ce,
+                                                weight_kl, begin, count, 10.0, torch.float64,
+                                                False)
+    got = emulated.backward_rows(unit.float(), norms.float(), th, r.float(), c.float(),
+                                 k.float(), weight_ce.float(), weight_kl.float(), begin, count,
+                                 10.0, torch.float16, ARCH_WITH_TENSOR_CORES)
+    for g, w, name in zip(got[:2], want[:2], ["z_s", "z_t"]):
+        assert_rel_close(g, w, 1.5e-3, f"fp16 grad {name} at N = {n}")
+    assert_rel_close(got[2], want[2], 1e-5, "grad theta", floor=1e-12)

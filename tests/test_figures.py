@@ -18,7 +18,7 @@ from train.figures.output import save_figure, pyplot
 from train.figures.tables import plot_table
 from train.models import build_model
 from train.results import Cell, ResultTable
-from train.runs import parse_run_folder_name, run_folder_name
+from train.run_folder import parse_run_folder_name, run_folder_name
 
 
 def sidecar(figure_path):
@@ -65,7 +65,10 @@ def save_run_checkpoint(folder, model_name, seed):
     torch.manual_seed(seed)
     model = build_model(model_name, 100)
     folder.mkdir(parents=True)
-    torch.save({"student": model.state_dict(), "epoch": 0, "test_acc": 1.0}, folder / "best.pt")
+    # A run folder is read by its final epoch's last.pt (the distiller's state: the student's
+    # weights under "student.").
+    distiller = {f"student.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"distiller": distiller, "epoch": 0}, folder / "last.pt")
     return model
 
 
@@ -108,9 +111,9 @@ def test_correlation_command_maps_each_student_against_the_teacher(tmp_path, no_
     assert values["colour_scale"] == pytest.approx([0.0, largest])  # shared by the panels
     # A bare checkpoint needs its architecture; a wrong one is named.
     assert main(["correlation", "--dataset", "cifar100", "--data", str(data), "--device", "cpu",
-                 "--teacher-ckpt", str(runs / "cifar100" / "teacher-resnet56" / "best.pt"),
+                 "--teacher-ckpt", str(runs / "cifar100" / "teacher-resnet56" / "last.pt"),
                  "--student", str(tmp_path / "runs" / "cifar100__resnet56-resnet20__kd__seed0"
-                                  / "best.pt"), "--student-model", "resnet8",
+                                  / "last.pt"), "--student-model", "resnet8",
                  "--out", str(figures)]) == 2
     assert "does not hold a resnet8" in capsys.readouterr().err
 

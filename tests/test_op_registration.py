@@ -22,7 +22,7 @@ def test_opcheck_backward():
     g = torch.tensor(1.0)
     torch.library.opcheck(torch.ops.icd_fast.icd_backward.default,
                           (g, g * 0.5, g * 2.0, out[6], out[7], th, out[3], out[4], out[5], 0.5,
-                           10.0, torch.float32),
+                           10.0, torch.float32, False),
                           test_utils=("test_schema", "test_faketensor",
                                       "test_aot_dispatch_dynamic"))
 
@@ -101,3 +101,29 @@ def test_auto_leaves_the_unverified_cuda_kernel_to_explicit_use(monkeypatch):
     assert functional._why_auto_skips("cuda", "cuda") is None
     assert functional._why_auto_skips("cpu", "cpu") is None
     assert "without a xpu kernel" in functional._why_auto_skips("xpu", None)
+
+
+def test_backward_is_handed_the_forwards_tf32_setting(monkeypatch):
+    # The CUDA backward must take the TF32 choice of its forward (the CPU kernel ignores the
+    # argument): the autograd rule saves torch's setting at forward time and passes it on,
+    # whatever the setting is when the backward runs.
+    handed = []
+    real_backward = torch.ops.icd_fast.icd_backward
+
+    def spy(*args):
+        handed.append(args[-1])
+        return real_backward(*args)
+
+    monkeypatch.setattr(torch.ops.icd_fast, "icd_backward", spy)
+    z_s, z_t, th = make_inputs(9, 4, torch.float32)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for at_forward in (True, False):
+            torch.backends.cuda.matmul.allow_tf32 = at_forward
+            loss = icd_fast.icd_loss(z_s, z_t, th, backend="cpu")
+            torch.backends.cuda.matmul.allow_tf32 = not at_forward
+            loss.backward()
+            assert handed[-1] is at_forward
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert len(handed) == 2

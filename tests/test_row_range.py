@@ -81,7 +81,7 @@ def test_rows_match_the_float64_terms(name, n, d, theta, max_scale, parts):
     for begin, count in ranges:
         g_s, g_t, g_th = backward_rows(unit, norms, th.detach(), stats[0], stats[1], stats[2],
                                        weights[0].contiguous(), weights[1].contiguous(),
-                                       begin, count, max_scale, torch.float64)
+                                       begin, count, max_scale, torch.float64, False)
         assert g_s.shape == (count, d) and g_t.shape == (count, d)
         grads_s.append(g_s)
         grads_t.append(g_t)
@@ -109,7 +109,8 @@ def test_rows_in_low_precision(name, dtype, rtol):
         assert_rel_close(x, expected[20:50], rtol, f"{name} {dtype}", floor=1e-3)
     stats = [x.float().detach() for x in (r, c, k)]
     w = torch.full((n,), 1.0 / n)
-    g_s, g_t, _ = backward_rows(unit, norms, th.detach(), *stats, w, w, 20, 30, 10.0, dtype)
+    g_s, g_t, _ = backward_rows(unit, norms, th.detach(), *stats, w, w, 20, 30, 10.0, dtype,
+                                False)
     assert g_s.dtype == dtype and g_t.dtype == dtype
     objective = ((ce + k) / n).sum()
     want = torch.autograd.grad(objective, (z_s, z_t))
@@ -141,9 +142,9 @@ def test_fused_rows_give_the_same_bits_at_any_thread_count():
             torch.set_num_threads(threads)
             *stats, unit, norms = torch.ops.icd_fast.icd_forward_rows(z_s, z_t, th, 0, n, 10.0)
             grads = torch.ops.icd_fast.icd_backward_rows(unit, norms, th, *stats[:3], w, w, 0, 10,
-                                                         10.0, torch.float32)
+                                                         10.0, torch.float32, False)
             grads = torch.ops.icd_fast.icd_backward_rows(unit, norms, th, *stats[:3], w, w, 40,
-                                                         260, 10.0, torch.float32)
+                                                         260, 10.0, torch.float32, False)
             results.append([*stats, *grads])
     finally:
         torch.set_num_threads(before)
@@ -162,11 +163,11 @@ def test_row_range_arguments_are_checked(name):
     *stats, unit, norms = forward_rows(z_s, z_t, th, 0, 10, 10.0)
     w = torch.full((10,), 0.1)
     with pytest.raises(ValueError, match="row"):
-        backward_rows(unit, norms, th, *stats[:3], w, w, 5, 6, 10.0, torch.float32)
+        backward_rows(unit, norms, th, *stats[:3], w, w, 5, 6, 10.0, torch.float32, False)
     if name != "blockwise":  # the blockwise twin trusts its own caller with the weights
         with pytest.raises(ValueError, match="per-row weights"):
             torch.ops.icd_fast.icd_backward_rows(unit, norms, th, *stats[:3], w[:9], w, 0, 10,
-                                                 10.0, torch.float32)
+                                                 10.0, torch.float32, False)
 
 
 @pytest.mark.skipif(not _ops.HAS_CPU_KERNEL, reason="CPU kernel not built")
@@ -176,4 +177,4 @@ def test_row_ops_pass_opcheck():
     *stats, unit, norms = torch.ops.icd_fast.icd_forward_rows(z_s, z_t, th, 0, 20, 10.0)
     w = torch.full((20,), 0.05)
     torch.library.opcheck(torch.ops.icd_fast.icd_backward_rows,
-                          (unit, norms, th, *stats[:3], w, w, 5, 10, 10.0, torch.float32))
+                          (unit, norms, th, *stats[:3], w, w, 5, 10, 10.0, torch.float32, False))

@@ -294,7 +294,7 @@ def test_loss_weights_reach_the_distiller_and_unknown_ones_are_refused():
 
 
 def test_run_folders_of_other_loss_weights_stay_apart():
-    from train.runs import run_folder_name
+    from train.run_folder import run_folder_name
 
     name = "cifar100/wrn_40_2-wrn_16_2/icd"
     assert run_folder_name(name, 0) == "cifar100__wrn_40_2-wrn_16_2__icd__seed0"

@@ -809,7 +809,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_cpu(
     const std::optional<at::Tensor>& grad_loss, const std::optional<at::Tensor>& grad_ce,
     const std::optional<at::Tensor>& grad_kl, const at::Tensor& unit, const at::Tensor& norms,
     const at::Tensor& log_scale, const at::Tensor& row_lse, const at::Tensor& col_lse,
-    const at::Tensor& row_kl, double alpha, double max_scale, at::ScalarType grad_dtype) {
+    const at::Tensor& row_kl, double alpha, double max_scale, at::ScalarType grad_dtype,
+    bool /*allow_tf32: CUDA only*/) {
   check_icd_saved(unit, norms, log_scale, row_lse, col_lse, row_kl, alpha, max_scale,
                   grad_dtype);
   CHECK_DEVICE_TYPE(unit, at::kCPU);
@@ -861,7 +862,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> icd_backward_rows_cpu(
     const at::Tensor& unit, const at::Tensor& norms, const at::Tensor& log_scale,
     const at::Tensor& row_lse, const at::Tensor& col_lse, const at::Tensor& row_kl,
     const at::Tensor& weight_ce, const at::Tensor& weight_kl, int64_t row_begin,
-    int64_t row_count, double max_scale, at::ScalarType grad_dtype) {
+    int64_t row_count, double max_scale, at::ScalarType grad_dtype,
+    bool /*allow_tf32: CUDA only*/) {
   check_icd_saved(unit, norms, log_scale, row_lse, col_lse, row_kl, 0.0, max_scale, grad_dtype);
   check_row_weights(unit, weight_ce, weight_kl);
   CHECK_DEVICE_TYPE(unit, at::kCPU);

@@ -44,6 +44,55 @@ struct OperandRowsParams {
   int padded_n, ld;
 };
 
+// The tile kernels promise two resident blocks per SM (at most 255 registers a thread), what
+// the launcher's grid aims at (target_blocks). Measured with nvcc 13 (sm_80 / sm_90,
+// bench/kernel_occupancy.py on the build log): with __launch_bounds__(128) alone ptxas held
+// the fp32 CUDA-core forward at 128 registers and spilled (20 / 140 bytes), with a minimum
+// of 3 blocks (168 registers) the fp32 CUDA-core backward spilled 188 bytes; with 2 nothing
+// spills (about 200 registers on the CUDA cores, 2 blocks per SM; 120-170 on the tensor
+// cores, 3-4).
+constexpr int kTileKernelMinBlocksPerSm = 2;
+
+// The column sweep split over the grid's second dimension (small N: more blocks than row
+// blocks alone give): block (b, y) takes the column tiles [y tiles, (y + 1) tiles) of the 32
+// rows of row block b; its partial sums are merged in the order y = 0, 1, ... by a second
+// launch (the same bits every run, whichever block finishes first).
+struct ColumnSplit {
+  int splits;  // gridDim.y
+  int tiles;   // 32-column tiles per split
+};
+__device__ __forceinline__ int split_columns_begin(const ColumnSplit& split) {
+  return blockIdx.y * split.tiles * Traits::kTileRows;
+}
+__device__ __forceinline__ int split_columns_end(const ColumnSplit& split, int n) {
+  const int end = (blockIdx.y + 1) * split.tiles * Traits::kTileRows;
+  return end < n ? end : n;
+}
+
+// One row's shifted sums over a set of columns (README "Forward in one pass"), and the
+// diagonal logit where the set holds column i.
+template <typename acc_t>
+struct RowPartial {
+  acc_t shift_r, sum_r, shift_c, sum_c, sum_k, diag;
+};
+
+// a := the sums of a and b over the union of their columns (onto the larger shifts).
+template <typename acc_t>
+__device__ __forceinline__ void merge_partial(RowPartial<acc_t>& a, const RowPartial<acc_t>& b) {
+  const ShiftMerge<acc_t> mr = merge_shifts(a.shift_r, b.shift_r);
+  a.sum_r = a.sum_r * mr.factor1 + b.sum_r * mr.factor2;
+  a.shift_r = mr.shift;
+  const ShiftMerge<acc_t> mc = merge_shifts(a.shift_c, b.shift_c);
+  a.sum_c = a.sum_c * mc.factor1 + b.sum_c * mc.factor2;
+  a.sum_k = a.sum_k * mc.factor1 + b.sum_k * mc.factor2;
+  a.shift_c = mc.shift;
+  a.diag += b.diag;  // only one of them met column i
+}
+
+// The forward's statistics of rows [row_begin, row_begin + row_count), each row against all
+// n columns (the whole problem: row_begin = 0, row_count = n). Block (b, y) owns the 32 rows
+// from row_begin + 32 b and the columns of split y; the per-row outputs are indexed from
+// row_begin.
 template <typename acc_t>
 struct ForwardParams {
   const acc_t* unit;
@@ -52,16 +101,35 @@ struct ForwardParams {
   const acc_t* log_scale;  // one value
   acc_t alpha, max_scale;
   int n, d;
-  acc_t* row_lse;
+  int row_begin, row_count;
+  ColumnSplit split;
+  RowPartial<acc_t>* partials;  // (splits, row_count) where split.splits > 1, else null
+  acc_t* row_lse;  // (row_count) each
   acc_t* col_lse;
   acc_t* row_kl;
   acc_t* row_ce;  // r_i - L_ii, reduced by the last block
-  acc_t* loss;
+  acc_t* loss;    // the three scalars, or all null (a row range: no reduction, no counter)
   acc_t* ce;
   acc_t* kl;
   unsigned int* blocks_done;  // zero before the launch (normalize_kernel clears it)
 };
 
+// The upstream weights of the backward: either one pair for every row, from the op's
+// upstream gradients (loss = (1/N) sum_i (CE_i + alpha k_i)), or per-row vectors of all n
+// rows (the row-range backward of the sharded loss), with their largest magnitudes.
+template <typename acc_t>
+struct BackwardWeights {
+  const acc_t* grad_loss;  // each may be null (= 0)
+  const acc_t* grad_ce;
+  const acc_t* grad_kl;
+  acc_t alpha;
+  const acc_t* row_ce;   // (n) per-row weights, or null for the upstream gradients above
+  const acc_t* row_kl;
+  const acc_t* largest;  // (2): max_i |row_ce_i|, max_i |row_kl_i| (with the vectors)
+};
+
+// The backward's gradients of rows [row_begin, row_begin + row_count) (every column's terms
+// read from the statistics of all n rows), and their share of d theta.
 template <typename acc_t>
 struct BackwardParams {
   const acc_t* unit;
@@ -69,19 +137,21 @@ struct BackwardParams {
   int padded_n, ld;
   const acc_t* norms;
   const acc_t* log_scale;
-  const acc_t* grad_loss;  // each may be null (= 0)
-  const acc_t* grad_ce;
-  const acc_t* grad_kl;
-  acc_t alpha, max_scale;
+  BackwardWeights<acc_t> weights;
+  acc_t max_scale;
   int n, d;
-  const acc_t* row_lse;
+  int row_begin, row_count;
+  ColumnSplit split;
+  const acc_t* row_lse;  // (n) each
   const acc_t* col_lse;
   const acc_t* row_kl;
-  acc_t* ds;  // (n, d) scratch: d loss / d s, then d loss / d z_s
+  // (splits, row_count, d) scratch: each split's share of d loss / d s (the splits summed
+  // into the first, by backward_merge_kernel where there are several), then d loss / d z_s.
+  acc_t* ds;
   acc_t* dt;
-  void* grad_z_s;  // (n, d) contiguous, input dtype
+  void* grad_z_s;  // (row_count, d) contiguous, input dtype
   void* grad_z_t;
-  double* block_dkappa;   // one partial per block
+  double* block_dkappa;   // one partial per block (of gridDim.x * gridDim.y)
   acc_t* grad_log_scale;  // one value
   unsigned int* blocks_done;
 };
@@ -118,14 +188,24 @@ __device__ __forceinline__ void write_operand_row(typename Products::operand_t* 
     out[k] = Products::to_operand(has_row && k < d ? unit_row(k) : 0.f);
 }
 
+// The per-row kernels (one warp per row) loop over rows with a grid of at most
+// kMaxRowBlocks blocks (row_blocks() in the launcher): enough to fill any GPU, and at large N
+// a fraction of the blocks (N = 65536 would need 32768) to start.
+constexpr int kMaxRowBlocks = 2048;
+__device__ __forceinline__ int first_warp_row() {
+  return blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;
+}
+__device__ __forceinline__ int warp_row_stride() {
+  return gridDim.x * Traits::kNormRowsPerBlock;
+}
+
 template <typename Products, typename acc_t>
 __global__ void __launch_bounds__(Traits::kThreads)
     operand_rows_kernel(OperandRowsParams<acc_t> p) {
   using operand_t = typename Products::operand_t;
   const int lane = threadIdx.x % 32;
-  const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;  // of 2 padded_n
-  if (row < 2 * p.padded_n) {
-    const int side = row / p.padded_n, i = row % p.padded_n;
+  for (int row = first_warp_row(); row < 2 * p.padded_n; row += warp_row_stride()) {
+    const int side = row / p.padded_n, i = row % p.padded_n;  // row of [s; t], padded
     const acc_t* unit_row = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
     write_operand_row<Products>(static_cast<operand_t*>(p.operand_rows) +
                                     static_cast<int64_t>(row) * p.ld,
@@ -139,40 +219,40 @@ __global__ void __launch_bounds__(Traits::kThreads)
 template <typename scalar_t, typename acc_t, typename Products>
 __global__ void __launch_bounds__(Traits::kThreads) normalize_kernel(NormalizeParams<acc_t> p) {
   const int lane = threadIdx.x % 32;
-  // Rows of [s; t], padded_n per side (n where no operand copies are written).
-  const int row = blockIdx.x * Traits::kNormRowsPerBlock + threadIdx.x / 32;
   if (blockIdx.x == 0 && threadIdx.x == 0) *p.forward_blocks_done = 0;
-  const bool in_grid = row < 2 * p.padded_n;
-  const int side = in_grid ? row / p.padded_n : 0;
-  const int i = in_grid ? row % p.padded_n : 0;
-  const bool active = in_grid && i < p.n;
-  const scalar_t* z = static_cast<const scalar_t*>(side == 0 ? p.z_s : p.z_t);
-  const int64_t stride0 = side == 0 ? p.s_stride0 : p.t_stride0;
-  const int64_t stride1 = side == 0 ? p.s_stride1 : p.t_stride1;
-  // Squares in double: fp32 rows may have norms beyond the fp32 range.
-  double sum_sq = 0;
-  if (active)
-    for (int k = lane; k < p.d; k += 32) {
-      const double v = static_cast<acc_t>(z[i * stride0 + k * stride1]);
-      sum_sq += v * v;
+  // Rows of [s; t], padded_n per side (n where no operand copies are written); the loop's
+  // bounds are the same for the 32 lanes of a warp, so every shuffle meets all of them.
+  for (int row = first_warp_row(); row < 2 * p.padded_n; row += warp_row_stride()) {
+    const int side = row / p.padded_n, i = row % p.padded_n;
+    const bool active = i < p.n;
+    const scalar_t* z = static_cast<const scalar_t*>(side == 0 ? p.z_s : p.z_t);
+    const int64_t stride0 = side == 0 ? p.s_stride0 : p.t_stride0;
+    const int64_t stride1 = side == 0 ? p.s_stride1 : p.t_stride1;
+    // Squares in double: fp32 rows may have norms beyond the fp32 range.
+    double sum_sq = 0;
+    if (active)
+      for (int k = lane; k < p.d; k += 32) {
+        const double v = static_cast<acc_t>(z[i * stride0 + k * stride1]);
+        sum_sq += v * v;
+      }
+    for (int mask = 16; mask > 0; mask >>= 1)
+      sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, mask);
+    const double norm = sqrt(sum_sq);
+    const double inv = 1.0 / (norm > kNormEps ? norm : kNormEps);
+    const auto unit_value = [&](int k) {
+      return static_cast<acc_t>(static_cast<acc_t>(z[i * stride0 + k * stride1]) * inv);
+    };
+    if (active) {
+      acc_t* out = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
+      for (int k = lane; k < p.d; k += 32) out[k] = unit_value(k);
+      if (lane == 0) p.norms[side * p.n + i] = static_cast<acc_t>(norm);
     }
-  for (int mask = 16; mask > 0; mask >>= 1) sum_sq += __shfl_xor_sync(0xffffffffu, sum_sq, mask);
-  const double norm = sqrt(sum_sq);
-  const double inv = 1.0 / (norm > kNormEps ? norm : kNormEps);
-  const auto unit_value = [&](int k) {
-    return static_cast<acc_t>(static_cast<acc_t>(z[i * stride0 + k * stride1]) * inv);
-  };
-  if (active) {
-    acc_t* out = p.unit + (static_cast<int64_t>(side) * p.n + i) * p.d;
-    for (int k = lane; k < p.d; k += 32) out[k] = unit_value(k);
-    if (lane == 0) p.norms[side * p.n + i] = static_cast<acc_t>(norm);
-  }
-  if constexpr (Products::kOperandRows) {
-    using operand_t = typename Products::operand_t;
-    if (in_grid)
+    if constexpr (Products::kOperandRows) {
+      using operand_t = typename Products::operand_t;
       write_operand_row<Products>(
           static_cast<operand_t*>(p.operand_rows) + static_cast<int64_t>(row) * p.ld, p.d,
           p.ld, lane, active, unit_value);
+    }
   }
 }
 
@@ -202,7 +282,7 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
 //  - release: each thread writes its results, then fences (__threadfence, fence.sc.gpu), and
 //    only after the block barrier that follows does thread 0 increment the counter; so every
 //    result of a block is ordered before its increment (fence, then barrier, then atomic).
-//  - the counter: atomicAdd returns gridDim.x - 1 to exactly one block, the one whose
+//  - the counter: atomicAdd returns (number of blocks) - 1 to exactly one block, the one whose
 //    increment comes after every other block's increment in the counter's order.
 //  - acquire: thread 0 of that block learns it from its atomic, hands it to the block's
 //    threads through the barrier, and each thread fences again before its first read (atomic,
@@ -214,7 +294,7 @@ __device__ __forceinline__ double block_sum(double v, double* scratch) {
 __device__ __forceinline__ bool last_block_to_finish(unsigned int* blocks_done, bool* flag) {
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) *flag = atomicAdd(blocks_done, 1u) == gridDim.x - 1;
+  if (threadIdx.x == 0) *flag = atomicAdd(blocks_done, 1u) == gridDim.x * gridDim.y - 1;
   __syncthreads();
   if (*flag) __threadfence();
   return *flag;
@@ -231,10 +311,43 @@ __device__ __forceinline__ T read_published(const T* p) {
   return *static_cast<const volatile T*>(p);
 }
 
+// The statistics of the range's row `local` from its sums over all n columns.
+template <typename acc_t>
+__device__ __forceinline__ void write_row_statistics(const ForwardParams<acc_t>& p, int local,
+                                                     const RowPartial<acc_t>& sums) {
+  const RowStats<acc_t> st =
+      finalize_row<acc_t>(sums.sum_r, sums.shift_r, sums.sum_c, sums.shift_c, sums.sum_k);
+  p.row_lse[local] = st.row_lse;
+  p.col_lse[local] = st.col_lse;
+  p.row_kl[local] = st.row_kl;
+  p.row_ce[local] = st.row_lse - sums.diag;
+}
+
+// The last block's reduction of the whole problem's rows to the three scalars, in a fixed
+// order.
+template <typename acc_t>
+__device__ __forceinline__ void reduce_forward_scalars(const ForwardParams<acc_t>& p,
+                                                       double* scratch) {
+  double ce = 0, kl = 0;
+  for (int r = threadIdx.x; r < p.row_count; r += Traits::kThreads) {
+    ce += read_published(p.row_ce + r);
+    kl += read_published(p.row_kl + r);
+  }
+  ce = block_sum(ce, scratch) / p.n;
+  kl = block_sum(kl, scratch) / p.n;
+  if (threadIdx.x == 0) {
+    *p.ce = static_cast<acc_t>(ce);
+    *p.kl = static_cast<acc_t>(kl);
+    *p.loss = static_cast<acc_t>(ce + p.alpha * kl);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
-// Launch 2 of the forward: per-row statistics, then (last block) the three scalars.
+// Launch 2 of the forward: per-row statistics of the range's rows, then (last block, for the
+// whole problem) the three scalars.
 template <typename Products, typename acc_t>
-__global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams<acc_t> p) {
+__global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
+    forward_kernel(ForwardParams<acc_t> p) {
   ICD_SHARED(typename Products::Storage, tiles);
   ICD_SHARED(ReduceScratch, reduce_scratch);
   ICD_SHARED(bool, is_last);
@@ -242,18 +355,20 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
   const int n = p.n;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
   const auto [row, q] = thread_place();
-  const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int i0 = p.row_begin + blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const bool row_ok = i < p.row_begin + p.row_count;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(*p.log_scale, p.max_scale));
   // Start the shifts at kappa (no rescaling ever needed below kFixedShiftMaxScale).
   const acc_t start = kappa <= kFixedShiftMaxScale ? kappa : static_cast<acc_t>(-INFINITY);
   acc_t shift_r = start, sum_r = 0, shift_c = start, sum_c = 0, sum_k = 0, diag = 0;
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
-  for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
+  const int j_end = split_columns_end(p.split, n);
+  for (int j0 = split_columns_begin(p.split); j0 < j_end; j0 += Traits::kTileRows) {
     Products::cosine(tiles, rows, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int j = j0 + q + Traits::kThreadsPerRow * m;
-      if (i >= n || j >= n) continue;
+      if (!row_ok || j >= n) continue;
       const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
       add_shifted(l_ij, shift_r, sum_r);
       const acc_t rescale = raise_shift(l_ji, shift_c);  // C and K share the shift
@@ -265,42 +380,41 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_kernel(ForwardParams
       if (j == i) diag = l_ij;
     }
   }
-  // Merge the four threads of the row.
+  // Merge the four threads of the row (only the thread that met j == i holds the diagonal).
+  RowPartial<acc_t> sums{shift_r, sum_r, shift_c, sum_c, sum_k, diag};
   for (int mask = 1; mask < Traits::kThreadsPerRow; mask <<= 1) {
-    const acc_t o_shift_r = shuffle_xor(shift_r, mask), o_sum_r = shuffle_xor(sum_r, mask);
-    const acc_t o_shift_c = shuffle_xor(shift_c, mask), o_sum_c = shuffle_xor(sum_c, mask);
-    const acc_t o_sum_k = shuffle_xor(sum_k, mask);
-    const ShiftMerge<acc_t> mr = merge_shifts(shift_r, o_shift_r);
-    sum_r = sum_r * mr.factor1 + o_sum_r * mr.factor2;
-    shift_r = mr.shift;
-    const ShiftMerge<acc_t> mc = merge_shifts(shift_c, o_shift_c);
-    sum_c = sum_c * mc.factor1 + o_sum_c * mc.factor2;
-    sum_k = sum_k * mc.factor1 + o_sum_k * mc.factor2;
-    shift_c = mc.shift;
+    const RowPartial<acc_t> other{shuffle_xor(sums.shift_r, mask), shuffle_xor(sums.sum_r, mask),
+                                  shuffle_xor(sums.shift_c, mask), shuffle_xor(sums.sum_c, mask),
+                                  shuffle_xor(sums.sum_k, mask), shuffle_xor(sums.diag, mask)};
+    merge_partial(sums, other);
   }
-  diag = row_group_sum(diag);  // only the thread that met j == i holds it
-  if (q == 0 && i < n) {
-    const RowStats<acc_t> st = finalize_row<acc_t>(sum_r, shift_r, sum_c, shift_c, sum_k);
-    p.row_lse[i] = st.row_lse;
-    p.col_lse[i] = st.col_lse;
-    p.row_kl[i] = st.row_kl;
-    p.row_ce[i] = st.row_lse - diag;
+  const bool writes = q == 0 && row_ok;
+  if (p.split.splits > 1) {
+    // Split columns: forward_merge_kernel adds up the splits' sums and reduces the scalars.
+    if (writes) p.partials[static_cast<int64_t>(blockIdx.y) * p.row_count + (i - p.row_begin)] = sums;
+  } else {
+    if (writes) write_row_statistics(p, i - p.row_begin, sums);
+    // A row range has no scalars and no counter (the same branch in every block).
+    if (p.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last))
+      reduce_forward_scalars(p, reduce_scratch);
   }
+}
 
-  if (last_block_to_finish(p.blocks_done, &is_last)) {
-    double ce = 0, kl = 0;
-    for (int r = threadIdx.x; r < n; r += Traits::kThreads) {
-      ce += read_published(p.row_ce + r);
-      kl += read_published(p.row_kl + r);
-    }
-    ce = block_sum(ce, reduce_scratch) / n;
-    kl = block_sum(kl, reduce_scratch) / n;
-    if (threadIdx.x == 0) {
-      *p.ce = static_cast<acc_t>(ce);
-      *p.kl = static_cast<acc_t>(kl);
-      *p.loss = static_cast<acc_t>(ce + p.alpha * kl);
-    }
+// Launch 3 of the forward where the columns are split: one thread per row adds up its
+// splits' partial sums in split order, then (last block) the three scalars.
+template <typename acc_t>
+__global__ void __launch_bounds__(Traits::kThreads) forward_merge_kernel(ForwardParams<acc_t> p) {
+  ICD_SHARED(ReduceScratch, reduce_scratch);
+  ICD_SHARED(bool, is_last);
+  const int local = blockIdx.x * Traits::kThreads + threadIdx.x;
+  if (local < p.row_count) {
+    RowPartial<acc_t> sums = p.partials[local];
+    for (int y = 1; y < p.split.splits; ++y)
+      merge_partial(sums, p.partials[static_cast<int64_t>(y) * p.row_count + local]);
+    write_row_statistics(p, local, sums);
   }
+  if (p.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last))
+    reduce_forward_scalars(p, reduce_scratch);
 }
 
 // out[k] = (first ? 0 : out[k]) + a * sum.v[k] for the k < min(kSize, left) features of a
@@ -323,67 +437,134 @@ __device__ __forceinline__ void store_as(void* base, int64_t index, acc_t v) {
   static_cast<T*>(base)[index] = static_cast<T>(v);
 }
 
-// The upstream weights of the logit gradients G = w_ce A + w_kl B, divided by 2^e, the power
-// of two that brings the larger weight's magnitude into [1, 2): the G tiles hold G / 2^e, and
-// the sums of their products are multiplied by 2^e afterwards. On the tensor cores the tiles
-// are rounded to fp16, whose largest value is 65504: with torch.amp.GradScaler's default
-// upstream gradient of 2^16, the diagonal G_ii ~ -w_ce would become inf and every step be
-// skipped. With |A| <= 1 and |B| bounded by the logits (not by the weights) nothing
-// overflows, and scalings by powers of two are exact (no bits change in fp32/fp64 unless
-// the scaled G would be subnormal). A zero or non-finite weight keeps the scale 1, so that
-// inf/NaN propagate unchanged.
+// The logit gradients in the G tiles are G / 2^e, and the sums of their products are
+// multiplied by 2^e afterwards (powers of two: exact, no bits change in fp32/fp64 unless a
+// scaled G would be subnormal). On the tensor cores the tiles are rounded to fp16, whose
+// largest value is 65504 and smallest normal 2^-14 ~ 6.1e-5; 2^e is chosen so that the
+// largest |G| possible lands just below 2^15 (headroom above, as much precision as possible
+// below). The bound, for any rows i, j, with W_ce = max_i |w_ce_i| and W_kl = max_i |w_kl_i|:
+//   |G_ij| <= W_ce + W_kl (1 + 8 kappa),
+// since |P_ij - d_ij| <= 1 and |P_ij - Q_ij| <= 1, and in the last term Q_ji <= 1 multiplies
+// h_ji - k_j, where h_ji = log(Q_ji / P_ji) = (L_ij - L_ji) + (r_j - c_j) lies in
+// [-4 kappa, 4 kappa] (|L| <= kappa, and r_j, c_j both in [log N - kappa, log N + kappa]), and
+// k_j, a mean of such log ratios weighted by Q_j (a KL divergence), in [0, 4 kappa].
+// Off-diagonal entries are ~ w / N: with the largest weight merely brought into [1, 2) they
+// became fp16 subnormals from N ~ 2^14 on (about 6 significant bits at N = 2^18, zero below
+// 3e-8); with the bound at 2^14..2^15 they keep 2^14 / (2 + 8 kappa) times more (about 200x
+// at kappa = 10, the default max_scale). With torch.amp.GradScaler's upstream gradient of
+// 2^16 and unscaled tiles the diagonal G_ii ~ -w_ce would round to inf and every step be
+// skipped. A zero or non-finite bound keeps 2^e = 1, so that inf/NaN propagate unchanged.
+constexpr int kTileBoundLog2 = 15;  // |G / 2^e| < 2^15 < 65504
+
 template <typename acc_t>
-struct UpstreamWeights {
-  acc_t ce, kl;   // the weights divided by `scale`
-  double scale;   // 2^e
+struct RowWeights {
+  acc_t ce, kl;
 };
 template <typename acc_t>
-__device__ __forceinline__ UpstreamWeights<acc_t> scaled_upstream_weights(acc_t w_ce,
-                                                                         acc_t w_kl) {
-  const double largest =
-      std::fmax(std::fabs(static_cast<double>(w_ce)), std::fabs(static_cast<double>(w_kl)));
-  int exponent = 0;
-  if (largest > 0 && std::isfinite(largest)) {
-    std::frexp(largest, &exponent);  // largest in [2^(exponent - 1), 2^exponent)
-    --exponent;
+struct ScaledWeights {
+  const acc_t* row_ce;  // per-row weights (unscaled), or null: `uniform` for every row
+  const acc_t* row_kl;
+  RowWeights<acc_t> uniform;  // scaled
+  acc_t inv_scale;            // 2^-e
+  double scale;               // 2^e
+  // The scaled weights of row i.
+  __device__ __forceinline__ RowWeights<acc_t> of(int i) const {
+    if (row_ce == nullptr) return uniform;
+    return {row_ce[i] * inv_scale, row_kl[i] * inv_scale};
   }
-  return {static_cast<acc_t>(std::ldexp(static_cast<double>(w_ce), -exponent)),
-          static_cast<acc_t>(std::ldexp(static_cast<double>(w_kl), -exponent)),
-          std::ldexp(1.0, exponent)};
+};
+
+// 2^e for the largest weight magnitudes over all rows and the scale kappa.
+__device__ __forceinline__ double gradient_tile_scale(double largest_ce, double largest_kl,
+                                                      double kappa) {
+  const double bound = std::fabs(largest_ce) + std::fabs(largest_kl) * (1 + 8 * kappa);
+  int exponent = 0;
+  if (bound > 0 && std::isfinite(bound)) {
+    std::frexp(bound, &exponent);  // bound in [2^(exponent - 1), 2^exponent)
+    exponent -= kTileBoundLog2;    // bound / 2^exponent in [2^(kTileBoundLog2 - 1), 2^kTileBoundLog2)
+  }
+  return std::ldexp(1.0, exponent);
+}
+
+template <typename acc_t>
+__device__ __forceinline__ ScaledWeights<acc_t> scaled_weights(const BackwardWeights<acc_t>& w,
+                                                              int n, double kappa) {
+  ScaledWeights<acc_t> out{w.row_ce, w.row_kl, {acc_t(0), acc_t(0)}, acc_t(1), 1.0};
+  if (w.row_ce != nullptr) {
+    out.scale = gradient_tile_scale(w.largest[0], w.largest[1], kappa);
+  } else {
+    // loss = (1/N) sum_i (CE_i + alpha k_i): every row carries the same weights.
+    const acc_t g_loss = w.grad_loss ? *w.grad_loss : acc_t(0);
+    const acc_t ce = (g_loss + (w.grad_ce ? *w.grad_ce : acc_t(0))) / static_cast<acc_t>(n);
+    const acc_t kl =
+        (w.alpha * g_loss + (w.grad_kl ? *w.grad_kl : acc_t(0))) / static_cast<acc_t>(n);
+    out.scale = gradient_tile_scale(ce, kl, kappa);
+    out.uniform = {static_cast<acc_t>(ce / out.scale), static_cast<acc_t>(kl / out.scale)};
+  }
+  out.inv_scale = static_cast<acc_t>(1.0 / out.scale);
+  return out;
+}
+
+// Back through the normalisation for row i (of the range) from its dS and dT (in the first
+// split's slots): dz = (dS - s <s, dS>) / max(||z||, eps). The row's four threads (q) share it.
+template <typename out_t, typename acc_t>
+__device__ __forceinline__ void feature_gradients(const BackwardParams<acc_t>& p, int i, int q,
+                                                  bool row_ok) {
+  const int n = p.n, d = p.d;
+  for (int side = 0; side < 2; ++side) {
+    const acc_t* unit_row = p.unit + (static_cast<int64_t>(side) * n + i) * d;
+    const acc_t* grad_rows = side == 0 ? p.ds : p.dt;
+    void* out = side == 0 ? p.grad_z_s : p.grad_z_t;
+    const int64_t at = static_cast<int64_t>(i - p.row_begin) * d;  // of the range's rows
+    acc_t dot = 0;
+    if (row_ok)
+      for (int c = q; c < d; c += Traits::kThreadsPerRow) dot += unit_row[c] * grad_rows[at + c];
+    dot = row_group_sum(dot);
+    if (row_ok) {
+      const acc_t norm = p.norms[side * n + i];
+      for (int c = q; c < d; c += Traits::kThreadsPerRow)
+        store_as<out_t>(out, at + c, normalize_backward(grad_rows[at + c], unit_row[c], dot, norm));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------
-// The backward, one launch: dS_I = kappa/N sum_J G_IJ T_J and dT_I = kappa/N sum_J G_JI^T S_J
-// for the block's rows, then back through the normalisation, and (last block) d theta.
+// The backward, one launch: dS_I = kappa sum_J G_IJ T_J and dT_I = kappa sum_J G_JI^T S_J for
+// the block's rows of the range, then back through the normalisation, and (last block) the
+// range's share of d theta.
 template <typename Products, typename out_t, typename acc_t>
-__global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardParams<acc_t> p) {
+__global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
+    backward_kernel(BackwardParams<acc_t> p) {
   ICD_SHARED(typename Products::Storage, tiles);
   ICD_SHARED(ReduceScratch, reduce_scratch);
   ICD_SHARED(bool, is_last);
 
   const int n = p.n, d = p.d;
   const typename Products::Rows rows = tile_rows<Products, acc_t>(p);
-  const acc_t *s = rows.s, *t = rows.t;  // for the normalisation's backward
   const int tid = threadIdx.x;
   const auto [row, q] = thread_place();
-  const int i0 = blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int i0 = p.row_begin + blockIdx.x * Traits::kTileRows, i = i0 + row;
+  const int local = i - p.row_begin;  // the row's place in ds, dt and the gradients
   const double log_scale = *p.log_scale;
   const acc_t kappa = static_cast<acc_t>(clamped_scale(log_scale, p.max_scale));
-  const acc_t g_loss = p.grad_loss ? *p.grad_loss : acc_t(0);
-  const UpstreamWeights<acc_t> w = scaled_upstream_weights<acc_t>(
-      g_loss + (p.grad_ce ? *p.grad_ce : acc_t(0)),
-      p.alpha * g_loss + (p.grad_kl ? *p.grad_kl : acc_t(0)));
-  // kappa / N, and the weights' 2^e that the G tiles leave out.
-  const acc_t a = kappa / static_cast<acc_t>(n) * static_cast<acc_t>(w.scale);
-  const bool row_ok = i < n;
+  const ScaledWeights<acc_t> w = scaled_weights(p.weights, n, kappa);
+  // kappa, and the weights' 2^e that the G tiles leave out.
+  const acc_t a = kappa * static_cast<acc_t>(w.scale);
+  const bool row_ok = i < p.row_begin + p.row_count;
   const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
   const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
+  const RowWeights<acc_t> w_i = row_ok ? w.of(i) : RowWeights<acc_t>{acc_t(0), acc_t(0)};
   double dkappa = 0;
 
-  const bool packed_grads = rows_packable(p.ds, d) && rows_packable(p.dt, d);
+  // This split's share of dS and dT (all of it without a split).
+  const int64_t split_offset = static_cast<int64_t>(blockIdx.y) * p.row_count * d;
+  acc_t* const ds = p.ds + split_offset;
+  acc_t* const dt = p.dt + split_offset;
+  const bool packed_grads = rows_packable(ds, d) && rows_packable(dt, d);
 
   acc_t x[Traits::kColsPerThread], y[Traits::kColsPerThread];
-  for (int j0 = 0; j0 < n; j0 += Traits::kTileRows) {
+  const int j_begin = split_columns_begin(p.split), j_end = split_columns_end(p.split, n);
+  for (int j0 = j_begin; j0 < j_end; j0 += Traits::kTileRows) {
     Products::cosine(tiles, rows, i0, j0, x, y);
     for (int m = 0; m < Traits::kColsPerThread; ++m) {
       const int jj = q + Traits::kThreadsPerRow * m, j = j0 + jj;
@@ -391,8 +572,9 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
       if (row_ok && j < n) {
         const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
         const acc_t r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
-        const RowTerms<acc_t> row_i{.r = r_i, .c = c_i, .k = k_i, .w_ce = w.ce, .w_kl = w.kl};
-        const RowTerms<acc_t> row_j{.r = r_j, .c = c_j, .k = k_j, .w_ce = w.ce, .w_kl = w.kl};
+        const RowWeights<acc_t> w_j = w.of(j);
+        const RowTerms<acc_t> row_i{.r = r_i, .c = c_i, .k = k_i, .w_ce = w_i.ce, .w_kl = w_i.kl};
+        const RowTerms<acc_t> row_j{.r = r_j, .c = c_j, .k = k_j, .w_ce = w_j.ce, .w_kl = w_j.kl};
         const LogitGradPair<acc_t> g = logit_grad_pair<acc_t>(
             l_ij, l_ji, row_i, row_j, pair_probabilities<acc_t>(l_ij, l_ji, r_i, c_i, r_j, c_j),
             j == i ? acc_t(1) : acc_t(0));
@@ -404,46 +586,52 @@ __global__ void __launch_bounds__(Traits::kThreads) backward_kernel(BackwardPara
       tiles.gy[row][jj] = Products::to_operand(g_ji);
     }
     __syncthreads();
-    // The first column block writes dS and dT, the others add: no zeroing launch needed.
+    // The split's first column block writes dS and dT, the others add: no zeroing launch.
     Products::gradient(tiles, rows, j0,
                        [&](int col, const Pack16<acc_t>& sum_s, const Pack16<acc_t>& sum_t) {
       if (!row_ok || col >= d) return;
-      const int64_t at = static_cast<int64_t>(i) * d + col;
-      accumulate_pack(p.ds + at, sum_s, a, j0 == 0, d - col, packed_grads);
-      accumulate_pack(p.dt + at, sum_t, a, j0 == 0, d - col, packed_grads);
+      const int64_t at = static_cast<int64_t>(local) * d + col;
+      accumulate_pack(ds + at, sum_s, a, j0 == j_begin, d - col, packed_grads);
+      accumulate_pack(dt + at, sum_t, a, j0 == j_begin, d - col, packed_grads);
     });
   }
-
-  // Back through the normalisation: dz = (dS - s <s, dS>) / max(||z||, eps), per row.
-  for (int side = 0; side < 2; ++side) {
-    const acc_t* unit_rows = side == 0 ? s : t;
-    const acc_t* grad_rows = side == 0 ? p.ds : p.dt;
-    void* out = side == 0 ? p.grad_z_s : p.grad_z_t;
-    acc_t dot = 0;
-    if (row_ok)
-      for (int c = q; c < d; c += Traits::kThreadsPerRow)
-        dot += unit_rows[static_cast<int64_t>(i) * d + c] * grad_rows[static_cast<int64_t>(i) * d + c];
-    dot = row_group_sum(dot);
-    if (row_ok) {
-      const acc_t norm = p.norms[side * n + i];
-      for (int c = q; c < d; c += Traits::kThreadsPerRow) {
-        const int64_t at = static_cast<int64_t>(i) * d + c;
-        store_as<out_t>(out, at, normalize_backward(grad_rows[at], unit_rows[at], dot, norm));
-      }
-    }
-  }
+  // Split columns: backward_merge_kernel adds up the splits' dS and dT first.
+  if (p.split.splits == 1) feature_gradients<out_t>(p, i, q, row_ok);
 
   const double block_total = block_sum(dkappa, reduce_scratch);
-  if (tid == 0) p.block_dkappa[blockIdx.x] = block_total;
+  if (tid == 0) p.block_dkappa[blockIdx.y * gridDim.x + blockIdx.x] = block_total;
   if (last_block_to_finish(p.blocks_done, &is_last)) {
     double total = 0;
-    for (int b = tid; b < static_cast<int>(gridDim.x); b += Traits::kThreads)
+    for (int b = tid; b < static_cast<int>(gridDim.x * gridDim.y); b += Traits::kThreads)
       total += read_published(p.block_dkappa + b);
     total = block_sum(total, reduce_scratch);
     if (tid == 0)
-      *p.grad_log_scale = static_cast<acc_t>(total * w.scale / n *
-                                             scale_grad_factor(log_scale, p.max_scale));
+      *p.grad_log_scale =
+          static_cast<acc_t>(total * w.scale * scale_grad_factor(log_scale, p.max_scale));
   }
+}
+
+// The backward's second launch where the columns are split: each row's dS and dT summed over
+// the splits in split order, then back through the normalisation.
+template <typename out_t, typename acc_t>
+__global__ void __launch_bounds__(Traits::kThreads)
+    backward_merge_kernel(BackwardParams<acc_t> p) {
+  const auto [row, q] = thread_place();
+  const int i = p.row_begin + blockIdx.x * Traits::kTileRows + row;
+  const bool row_ok = i < p.row_begin + p.row_count;
+  if (row_ok) {
+    const int64_t at = static_cast<int64_t>(i - p.row_begin) * p.d;
+    const int64_t split_size = static_cast<int64_t>(p.row_count) * p.d;
+    for (int side = 0; side < 2; ++side) {
+      acc_t* grad = side == 0 ? p.ds : p.dt;
+      for (int c = q; c < p.d; c += Traits::kThreadsPerRow) {
+        acc_t sum = grad[at + c];
+        for (int y = 1; y < p.split.splits; ++y) sum += grad[y * split_size + at + c];
+        grad[at + c] = sum;
+      }
+    }
+  }
+  feature_gradients<out_t>(p, i, q, row_ok);
 }
 
 }  // namespace icd_fast::cuda

@@ -380,10 +380,12 @@ void store_matrix_sync(float* p, const fragment<accumulator, M, N, K, float>& f,
 
 namespace cuda_emulation {
 
-// Runs body() as a kernel of `grid` blocks of `threads` threads, in the schedule's order.
+// Runs body() as a kernel of grid_x x grid_y blocks of `threads` threads, in the schedule's
+// order.
 template <typename Body>
-void launch(unsigned int grid, unsigned int threads, const Body& body) {
-  gridDim = dim3{grid, 1, 1};
+void launch(unsigned int grid_x, unsigned int grid_y, unsigned int threads, const Body& body) {
+  gridDim = dim3{grid_x, grid_y, 1};
+  const unsigned int grid = grid_x * grid_y;
   blockDim = dim3{threads, 1, 1};
   std::vector<unsigned int> order(grid);
   std::iota(order.begin(), order.end(), 0u);
@@ -393,7 +395,7 @@ void launch(unsigned int grid, unsigned int threads, const Body& body) {
   const auto run_blocks = [&] {
     for (unsigned int k; (k = next.fetch_add(1)) < grid;) {
       Block block(threads);
-      const uint3 block_index{order[k], 0, 0};
+      const uint3 block_index{order[k] % grid_x, order[k] / grid_x, 0};
       std::vector<std::thread> workers;
       workers.reserve(threads);
       for (unsigned int t = 0; t < threads; ++t)

@@ -60,7 +60,8 @@ MUTATIONS = [
              "    __syncthreads();\n",
              "    wmma::store_matrix_sync(&sm.out_y[wi][wj], fy, kOutPitch, wmma::mem_row_major);\n"),
     Mutation("tail-off-by-one", "forward: the ragged tail's column bound off by one",
-             KERNELS, "if (i >= n || j >= n) continue;", "if (i >= n || j > n) continue;"),
+             KERNELS, "if (!row_ok || j >= n) continue;",
+             "if (!row_ok || j > n) continue;"),
     Mutation("transposed-operand", "tensor cores: the cosine's B operand read row-major",
              PRODUCTS, "wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::col_major> b;",
              "wmma::fragment<wmma::matrix_b, 16, 16, kK, fragment_t, wmma::row_major> b;"),
@@ -81,7 +82,7 @@ MUTATIONS = [
              "return compiled_arch * 10 >= ICD_FAST_TENSOR_CORE_MIN_ARCH;", "return true;"),
     Mutation("upstream-scaling-removed", "logit-gradient tiles hold the upstream weights "
              "unscaled (fp16 overflow at 2^16)", KERNELS,
-             "if (largest > 0 && std::isfinite(largest)) {", "if (false) {"),
+             "if (bound > 0 && std::isfinite(bound)) {", "if (false) {"),
     Mutation("fence-release-removed", "no __threadfence between a block's results and its "
              "counter increment", KERNELS,
              "  __threadfence();\n  __syncthreads();\n  if (threadIdx.x == 0) *flag",
@@ -89,12 +90,23 @@ MUTATIONS = [
     Mutation("fence-acquire-removed", "no __threadfence between the counter and the last "
              "block's reads", KERNELS, "  if (*flag) __threadfence();\n", ""),
     Mutation("first-block-reduces", "the first block to finish, not the last, reduces the "
-             "scalars", KERNELS, "atomicAdd(blocks_done, 1u) == gridDim.x - 1",
+             "scalars", KERNELS, "atomicAdd(blocks_done, 1u) == gridDim.x * gridDim.y - 1",
              "atomicAdd(blocks_done, 1u) == 0u"),
     Mutation("shared-read-before-write", "staging leaves out-of-range tile entries unwritten "
              "(read before any write)", PRODUCTS,
              "    tile[r * pitch + c] = (gr < n && col < d) ? rows[static_cast<int64_t>(gr) * d + col] : src_t(0);",
              "    if (gr < n && col < d) tile[r * pitch + c] = rows[static_cast<int64_t>(gr) * d + col];"),
+    Mutation("row-weights-swapped", "backward: the column row j's terms read row i's "
+             "upstream weights (one weight for all rows hides it; per-rank weights do not)",
+             KERNELS, "const RowWeights<acc_t> w_j = w.of(j);",
+             "const RowWeights<acc_t> w_j = w_i;"),
+    Mutation("headroom-removed", "gradient tiles scaled so that their bound lands in [1, 2), "
+             "not just below 2^15 (fp16 subnormals at large N)", KERNELS,
+             "    exponent -= kTileBoundLog2;", "    exponent -= 1;"),
+    Mutation("split-dropped", "the backward's merge launch leaves out the second column "
+             "split's share of dS and dT", KERNELS,
+             "for (int y = 1; y < p.split.splits; ++y) sum += grad",
+             "for (int y = 2; y < p.split.splits; ++y) sum += grad"),
     Mutation("shuffle-mask-narrowed", "row merges shuffle with a mask of 4 lanes", KERNELS,
              "  return __shfl_xor_sync(0xffffffffu, v, lane_mask);",
              "  return __shfl_xor_sync(0x0000000fu, v, lane_mask);"),
