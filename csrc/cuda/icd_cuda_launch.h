@@ -95,8 +95,9 @@ inline Grid row_blocks(int64_t rows) {
 
 // How the tile kernels split the column sweep: into the number of splits that brings
 // row_tiles x splits nearest to target_blocks (about two blocks per SM), every split an equal
-// run of column tiles but the last. Only small problems split (N below about 1.5 x 32 x
-// target_blocks: 6300 rows on an A100, 8400 on an H100); above, one split and no merge launch.
+// run of column tiles but the last. Only small problems split (row tiles up to 2/3 of
+// target_blocks: N up to about 4600 on an A100, 5600 on an H100); above, one split and no
+// merge launch.
 inline ColumnSplit column_split(int64_t row_tiles, int64_t n, int64_t target_blocks) {
   const int64_t tiles = blocks_for(n, Traits::kTileRows);
   const int64_t nearest = (target_blocks + row_tiles / 2) / row_tiles;
