@@ -151,8 +151,9 @@ def test_cuda_torch_compile_fullgraph():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cuda_launch_counts_at_small_n(dtype):
-    # Launches dominate at small N: at most 2 kernels for the forward and 3 for the backward
-    # (memsets included), counted by the profiler.
+    # Launches dominate at small N: at most 3 kernels for the forward (normalise, the split
+    # column sweep, its merge) and 4 for the backward (memset, operand rows for bf16, the
+    # sweep, its merge), counted by the profiler.
     z_s, z_t, th = on_gpu(64, 128, dtype, math.log(10.0))
     z_s.requires_grad_(True)
     fused(z_s, z_t, th).backward()  # warm-up: the first call may load modules
@@ -169,10 +170,10 @@ def test_cuda_launch_counts_at_small_n(dtype):
     loss, forward_names = launches(lambda: fused(z_s, z_t, th))
     upstream = torch.ones_like(loss)  # made here, so that its fill is not counted below
     _, backward_names = launches(lambda: loss.backward(upstream))
-    assert len([n for n in forward_names if "icd_fast" in n]) == 2, forward_names
+    assert len([n for n in forward_names if "icd_fast" in n]) == 3, forward_names
     ours = [n for n in backward_names
             if "icd_fast" in n or "fill" in n.lower() or "memset" in n.lower()]
-    assert 1 <= len(ours) <= 3, backward_names
+    assert 1 <= len(ours) <= 4, backward_names
 
 
 # The row-range ops of the sharded loss (as tests/test_cuda_emul.py checks them under the
@@ -198,9 +199,12 @@ def test_cuda_row_ranges_match_whole(dtype, stat_rtol, grad_rtol, theta, max_sca
     for got, want in zip(stats, want_stats):
         assert got.dtype == acc
         assert_rel_close(got.cpu(), want, stat_rtol, f"row statistics {dtype}", floor=1.0)
+    # The whole problem's op: the same sums, associated differently where the column sweep
+    # is split differently (the split count follows the number of row tiles).
     whole = ops.icd_forward(z_s, z_t, th, 0.5, max_scale)
     for got, want in zip(stats[:3], whole[3:6]):
-        assert torch.equal(got, want)  # each row meets the same columns in the same order
+        assert_rel_close(got.cpu(), want.cpu(), 1e-12 if dtype == torch.float64 else 1e-5,
+                         "row ops against icd_forward", floor=1.0)
     unit, norms = parts[0][4], parts[0][5]
     weight_ce = torch.empty(n, dtype=torch.float64)
     weight_kl = torch.empty(n, dtype=torch.float64)

@@ -315,7 +315,7 @@ def test_emul_row_ranges_match_whole(emulated, dtype, arch, stat_rtol, grad_rtol
         assert got.dtype == acc and got.shape == (n,)
         assert_rel_close(got, want, stat_rtol, f"{name} {dtype}", floor=1.0)
     # The same bits as the whole problem's op: each row meets the same columns in the same
-    # order, whatever range it is computed in.
+    # order, whatever range it is computed in (with the column sweep unsplit, as here).
     whole = emulated.forward(z_s, z_t, th, 0.5, max_scale, arch)
     for got, want in zip(stats[:3], whole[3:6]):
         assert torch.equal(got, want)

@@ -95,14 +95,16 @@ inline Grid row_blocks(int64_t rows) {
 
 // How the tile kernels split the column sweep: into the number of splits that brings
 // row_tiles x splits nearest to target_blocks (about two blocks per SM), every split an equal
-// run of column tiles but the last. Only small problems split (N below about 1.5 x 32 x
-// target_blocks: 6300 rows on an A100, 8400 on an H100); above, one split and no merge launch.
+// run of column tiles but the last. Only small problems split (row tiles up to 2/3 of
+// target_blocks: N up to about 4600 on an A100, 5600 on an H100); above, one split and no
+// merge launch.
 inline ColumnSplit column_split(int64_t row_tiles, int64_t n, int64_t target_blocks) {
   const int64_t tiles = blocks_for(n, Traits::kTileRows);
   const int64_t nearest = (target_blocks + row_tiles / 2) / row_tiles;
   const int64_t wanted = std::clamp<int64_t>(nearest, 1, tiles);
   const int64_t per_split = blocks_for(tiles, wanted);
-  return {static_cast<int>(blocks_for(tiles, per_split)), static_cast<int>(per_split)};
+  return {.splits = static_cast<int>(blocks_for(tiles, per_split)),
+          .tiles = static_cast<int>(per_split)};
 }
 
 // The operand copies of the unit rows that the tensor-core products read: (2, padded_n, ld)
@@ -209,11 +211,20 @@ ForwardOutputs run_forward(const Launch& launch, const at::Tensor& z_s, const at
       using Products = decltype(products);
       const OperandRows op = allocate_operand_rows<Products>(range, d, z_s.options());
       unsigned int* blocks_done_ptr = reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>());
-      NormalizeParams<acc_t> np{z_s.data_ptr(), z_t.data_ptr(), z_s.stride(0), z_s.stride(1),
-                                z_t.stride(0), z_t.stride(1), static_cast<int>(n),
-                                static_cast<int>(d), out.unit.data_ptr<acc_t>(),
-                                out.norms.data_ptr<acc_t>(), blocks_done_ptr, op.data(),
-                                op.padded_n, op.ld};
+      const NormalizeParams<acc_t> np{.z_s = z_s.data_ptr(),
+                                      .z_t = z_t.data_ptr(),
+                                      .s_stride0 = z_s.stride(0),
+                                      .s_stride1 = z_s.stride(1),
+                                      .t_stride0 = z_t.stride(0),
+                                      .t_stride1 = z_t.stride(1),
+                                      .n = static_cast<int>(n),
+                                      .d = static_cast<int>(d),
+                                      .unit = out.unit.data_ptr<acc_t>(),
+                                      .norms = out.norms.data_ptr<acc_t>(),
+                                      .forward_blocks_done = blocks_done_ptr,
+                                      .operand_rows = op.data(),
+                                      .padded_n = op.padded_n,
+                                      .ld = op.ld};
       launch(normalize_kernel<scalar_t, acc_t, Products>,
              row_blocks(op.rows()), np);
       at::Tensor partials;  // (splits, row_count) RowPartial, where the columns are split
@@ -221,18 +232,27 @@ ForwardOutputs run_forward(const Launch& launch, const at::Tensor& z_s, const at
         partials = at::empty({split.splits * range.count *
                               static_cast<int64_t>(sizeof(RowPartial<acc_t>))},
                              z_s.options().dtype(at::kByte));
-      ForwardParams<acc_t> fp{out.unit.data_ptr<acc_t>(), op.data(), op.padded_n, op.ld,
-                              scale.data_ptr<acc_t>(), static_cast<acc_t>(alpha),
-                              static_cast<acc_t>(max_scale), static_cast<int>(n),
-                              static_cast<int>(d), static_cast<int>(range.begin),
-                              static_cast<int>(range.count), split,
-                              partials.defined()
-                                  ? static_cast<RowPartial<acc_t>*>(partials.data_ptr())
-                                  : nullptr,
-                              out.row_lse.data_ptr<acc_t>(),
-                              out.col_lse.data_ptr<acc_t>(), out.row_kl.data_ptr<acc_t>(),
-                              out.row_ce.data_ptr<acc_t>(), scalar(out.loss), scalar(out.ce),
-                              scalar(out.kl), blocks_done_ptr};
+      const ForwardParams<acc_t> fp{
+          .unit = out.unit.data_ptr<acc_t>(),
+          .operand_rows = op.data(),
+          .padded_n = op.padded_n,
+          .ld = op.ld,
+          .log_scale = scale.data_ptr<acc_t>(),
+          .alpha = static_cast<acc_t>(alpha),
+          .max_scale = static_cast<acc_t>(max_scale),
+          .n = static_cast<int>(n),
+          .d = static_cast<int>(d),
+          .row_begin = static_cast<int>(range.begin),
+          .row_count = static_cast<int>(range.count),
+          .split = split,
+          .partials = partials.defined() ? static_cast<RowPartial<acc_t>*>(partials.data_ptr())
+                                         : nullptr,
+          .stats = {.row_lse = out.row_lse.data_ptr<acc_t>(),
+                    .col_lse = out.col_lse.data_ptr<acc_t>(),
+                    .row_kl = out.row_kl.data_ptr<acc_t>()},
+          .row_ce = out.row_ce.data_ptr<acc_t>(),
+          .scalars = {.loss = scalar(out.loss), .ce = scalar(out.ce), .kl = scalar(out.kl)},
+          .blocks_done = blocks_done_ptr};
       launch(forward_kernel<Products, acc_t>, Grid{row_tiles, split.splits}, fp);
       if (split.splits > 1)
         launch(forward_merge_kernel<acc_t>, Grid{blocks_for(range.count, Traits::kThreads)}, fp);
@@ -314,20 +334,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(
       using Products = decltype(products);
       const OperandRows op = allocate_operand_rows<Products>(range, d, acc);
       if constexpr (Products::kOperandRows) {
-        OperandRowsParams<acc_t> rp{units.data_ptr<acc_t>(), static_cast<int>(n),
-                                    static_cast<int>(d), op.data(), op.padded_n, op.ld};
+        const OperandRowsParams<acc_t> rp{.unit = units.data_ptr<acc_t>(),
+                                          .n = static_cast<int>(n),
+                                          .d = static_cast<int>(d),
+                                          .operand_rows = op.data(),
+                                          .padded_n = op.padded_n,
+                                          .ld = op.ld};
         launch(operand_rows_kernel<Products, acc_t>,
                row_blocks(op.rows()), rp);
       }
-      BackwardParams<acc_t> bp{units.data_ptr<acc_t>(), op.data(), op.padded_n, op.ld,
-                               unit_norms.data_ptr<acc_t>(), scale.data_ptr<acc_t>(), w.weights,
-                               static_cast<acc_t>(max_scale), static_cast<int>(n),
-                               static_cast<int>(d), static_cast<int>(range.begin),
-                               static_cast<int>(range.count), split, r.data_ptr<acc_t>(),
-                               c.data_ptr<acc_t>(), k.data_ptr<acc_t>(), ds.data_ptr<acc_t>(),
-                               dt.data_ptr<acc_t>(), grad_z_s.data_ptr(), grad_z_t.data_ptr(),
-                               block_dkappa.data_ptr<double>(), grad_scale.data_ptr<acc_t>(),
-                               reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
+      const BackwardParams<acc_t> bp{
+          .unit = units.data_ptr<acc_t>(),
+          .operand_rows = op.data(),
+          .padded_n = op.padded_n,
+          .ld = op.ld,
+          .norms = unit_norms.data_ptr<acc_t>(),
+          .log_scale = scale.data_ptr<acc_t>(),
+          .weights = w.weights,
+          .max_scale = static_cast<acc_t>(max_scale),
+          .n = static_cast<int>(n),
+          .d = static_cast<int>(d),
+          .row_begin = static_cast<int>(range.begin),
+          .row_count = static_cast<int>(range.count),
+          .split = split,
+          .stats = {.row_lse = r.data_ptr<acc_t>(),
+                    .col_lse = c.data_ptr<acc_t>(),
+                    .row_kl = k.data_ptr<acc_t>()},
+          .ds = ds.data_ptr<acc_t>(),
+          .dt = dt.data_ptr<acc_t>(),
+          .grad_z_s = grad_z_s.data_ptr(),
+          .grad_z_t = grad_z_t.data_ptr(),
+          .block_dkappa = block_dkappa.data_ptr<double>(),
+          .grad_log_scale = grad_scale.data_ptr<acc_t>(),
+          .blocks_done = reinterpret_cast<unsigned int*>(blocks_done.data_ptr<int>())};
       launch(backward_kernel<Products, scalar_t, acc_t>, Grid{row_tiles, split.splits}, bp);
       if (split.splits > 1) launch(backward_merge_kernel<scalar_t, acc_t>, Grid{row_tiles}, bp);
     });

@@ -16,51 +16,21 @@
 #include <cstdint>
 
 #include "../icd_math.h"
+#include "icd_params.h"
 #include "icd_tile_products.cuh"
 
 namespace icd_fast::cuda {
-
-// acc_t is the dtype of the statistics and of all arithmetic: double for float64 inputs,
-// float for float32, float16 and bfloat16 inputs.
-template <typename acc_t>
-struct NormalizeParams {
-  const void* z_s;
-  const void* z_t;
-  int64_t s_stride0, s_stride1, t_stride0, t_stride1;
-  int n, d;
-  acc_t* unit;   // (2, n, d): [s; t]
-  acc_t* norms;  // (2, n)
-  unsigned int* forward_blocks_done;  // cleared here, so the forward needs no memset launch
-  void* operand_rows;  // (2, padded_n, ld) in the products' operand type, or null
-  int padded_n, ld;    // n and d where there is no operand copy
-};
-
-// The operand rows of the tensor-core products from unit rows (the backward's copy).
-template <typename acc_t>
-struct OperandRowsParams {
-  const acc_t* unit;  // (2, n, d)
-  int n, d;
-  void* operand_rows;  // (2, padded_n, ld)
-  int padded_n, ld;
-};
 
 // The tile kernels promise two resident blocks per SM (at most 255 registers a thread), what
 // the launcher's grid aims at (target_blocks). Measured with nvcc 13 (sm_80 / sm_90,
 // bench/kernel_occupancy.py on the build log): with __launch_bounds__(128) alone ptxas held
 // the fp32 CUDA-core forward at 128 registers and spilled (20 / 140 bytes), with a minimum
 // of 3 blocks (168 registers) the fp32 CUDA-core backward spilled 188 bytes; with 2 nothing
-// spills (about 200 registers on the CUDA cores, 2 blocks per SM; 120-170 on the tensor
-// cores, 3-4).
+// spills (170-225 registers on the CUDA cores, 2 blocks per SM; 120-170 on the tensor cores,
+// 3-4 blocks per SM; the TF32 backward's earlier 56-byte spill on sm_80 is gone too).
 constexpr int kTileKernelMinBlocksPerSm = 2;
 
-// The column sweep split over the grid's second dimension (small N: more blocks than row
-// blocks alone give): block (b, y) takes the column tiles [y tiles, (y + 1) tiles) of the 32
-// rows of row block b; its partial sums are merged in the order y = 0, 1, ... by a second
-// launch (the same bits every run, whichever block finishes first).
-struct ColumnSplit {
-  int splits;  // gridDim.y
-  int tiles;   // 32-column tiles per split
-};
+// The columns of this block's split (ColumnSplit, icd_params.h).
 __device__ __forceinline__ int split_columns_begin(const ColumnSplit& split) {
   return blockIdx.y * split.tiles * Traits::kTileRows;
 }
@@ -68,13 +38,6 @@ __device__ __forceinline__ int split_columns_end(const ColumnSplit& split, int n
   const int end = (blockIdx.y + 1) * split.tiles * Traits::kTileRows;
   return end < n ? end : n;
 }
-
-// One row's shifted sums over a set of columns (README "Forward in one pass"), and the
-// diagonal logit where the set holds column i.
-template <typename acc_t>
-struct RowPartial {
-  acc_t shift_r, sum_r, shift_c, sum_c, sum_k, diag;
-};
 
 // a := the sums of a and b over the union of their columns (onto the larger shifts).
 template <typename acc_t>
@@ -88,73 +51,6 @@ __device__ __forceinline__ void merge_partial(RowPartial<acc_t>& a, const RowPar
   a.shift_c = mc.shift;
   a.diag += b.diag;  // only one of them met column i
 }
-
-// The forward's statistics of rows [row_begin, row_begin + row_count), each row against all
-// n columns (the whole problem: row_begin = 0, row_count = n). Block (b, y) owns the 32 rows
-// from row_begin + 32 b and the columns of split y; the per-row outputs are indexed from
-// row_begin.
-template <typename acc_t>
-struct ForwardParams {
-  const acc_t* unit;
-  const void* operand_rows;  // (2, padded_n, ld) for the tensor-core products, else null
-  int padded_n, ld;
-  const acc_t* log_scale;  // one value
-  acc_t alpha, max_scale;
-  int n, d;
-  int row_begin, row_count;
-  ColumnSplit split;
-  RowPartial<acc_t>* partials;  // (splits, row_count) where split.splits > 1, else null
-  acc_t* row_lse;  // (row_count) each
-  acc_t* col_lse;
-  acc_t* row_kl;
-  acc_t* row_ce;  // r_i - L_ii, reduced by the last block
-  acc_t* loss;    // the three scalars, or all null (a row range: no reduction, no counter)
-  acc_t* ce;
-  acc_t* kl;
-  unsigned int* blocks_done;  // zero before the launch (normalize_kernel clears it)
-};
-
-// The upstream weights of the backward: either one pair for every row, from the op's
-// upstream gradients (loss = (1/N) sum_i (CE_i + alpha k_i)), or per-row vectors of all n
-// rows (the row-range backward of the sharded loss), with their largest magnitudes.
-template <typename acc_t>
-struct BackwardWeights {
-  const acc_t* grad_loss;  // each may be null (= 0)
-  const acc_t* grad_ce;
-  const acc_t* grad_kl;
-  acc_t alpha;
-  const acc_t* row_ce;   // (n) per-row weights, or null for the upstream gradients above
-  const acc_t* row_kl;
-  const acc_t* largest;  // (2): max_i |row_ce_i|, max_i |row_kl_i| (with the vectors)
-};
-
-// The backward's gradients of rows [row_begin, row_begin + row_count) (every column's terms
-// read from the statistics of all n rows), and their share of d theta.
-template <typename acc_t>
-struct BackwardParams {
-  const acc_t* unit;
-  const void* operand_rows;  // (2, padded_n, ld) for the tensor-core products, else null
-  int padded_n, ld;
-  const acc_t* norms;
-  const acc_t* log_scale;
-  BackwardWeights<acc_t> weights;
-  acc_t max_scale;
-  int n, d;
-  int row_begin, row_count;
-  ColumnSplit split;
-  const acc_t* row_lse;  // (n) each
-  const acc_t* col_lse;
-  const acc_t* row_kl;
-  // (splits, row_count, d) scratch: each split's share of d loss / d s (the splits summed
-  // into the first, by backward_merge_kernel where there are several), then d loss / d z_s.
-  acc_t* ds;
-  acc_t* dt;
-  void* grad_z_s;  // (row_count, d) contiguous, input dtype
-  void* grad_z_t;
-  double* block_dkappa;   // one partial per block (of gridDim.x * gridDim.y)
-  acc_t* grad_log_scale;  // one value
-  unsigned int* blocks_done;
-};
 
 template <typename T>
 __device__ __forceinline__ T shuffle_xor(T v, int lane_mask) {
@@ -317,9 +213,9 @@ __device__ __forceinline__ void write_row_statistics(const ForwardParams<acc_t>&
                                                      const RowPartial<acc_t>& sums) {
   const RowStats<acc_t> st =
       finalize_row<acc_t>(sums.sum_r, sums.shift_r, sums.sum_c, sums.shift_c, sums.sum_k);
-  p.row_lse[local] = st.row_lse;
-  p.col_lse[local] = st.col_lse;
-  p.row_kl[local] = st.row_kl;
+  p.stats.row_lse[local] = st.row_lse;
+  p.stats.col_lse[local] = st.col_lse;
+  p.stats.row_kl[local] = st.row_kl;
   p.row_ce[local] = st.row_lse - sums.diag;
 }
 
@@ -331,14 +227,14 @@ __device__ __forceinline__ void reduce_forward_scalars(const ForwardParams<acc_t
   double ce = 0, kl = 0;
   for (int r = threadIdx.x; r < p.row_count; r += Traits::kThreads) {
     ce += read_published(p.row_ce + r);
-    kl += read_published(p.row_kl + r);
+    kl += read_published(p.stats.row_kl + r);
   }
   ce = block_sum(ce, scratch) / p.n;
   kl = block_sum(kl, scratch) / p.n;
   if (threadIdx.x == 0) {
-    *p.ce = static_cast<acc_t>(ce);
-    *p.kl = static_cast<acc_t>(kl);
-    *p.loss = static_cast<acc_t>(ce + p.alpha * kl);
+    *p.scalars.ce = static_cast<acc_t>(ce);
+    *p.scalars.kl = static_cast<acc_t>(kl);
+    *p.scalars.loss = static_cast<acc_t>(ce + p.alpha * kl);
   }
 }
 
@@ -391,11 +287,12 @@ __global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
   const bool writes = q == 0 && row_ok;
   if (p.split.splits > 1) {
     // Split columns: forward_merge_kernel adds up the splits' sums and reduces the scalars.
-    if (writes) p.partials[static_cast<int64_t>(blockIdx.y) * p.row_count + (i - p.row_begin)] = sums;
+    const int64_t slot = static_cast<int64_t>(blockIdx.y) * p.row_count + (i - p.row_begin);
+    if (writes) p.partials[slot] = sums;
   } else {
     if (writes) write_row_statistics(p, i - p.row_begin, sums);
     // A row range has no scalars and no counter (the same branch in every block).
-    if (p.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last))
+    if (p.scalars.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last))
       reduce_forward_scalars(p, reduce_scratch);
   }
 }
@@ -413,7 +310,7 @@ __global__ void __launch_bounds__(Traits::kThreads) forward_merge_kernel(Forward
       merge_partial(sums, p.partials[static_cast<int64_t>(y) * p.row_count + local]);
     write_row_statistics(p, local, sums);
   }
-  if (p.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last))
+  if (p.scalars.loss != nullptr && last_block_to_finish(p.blocks_done, &is_last))
     reduce_forward_scalars(p, reduce_scratch);
 }
 
@@ -481,7 +378,7 @@ __device__ __forceinline__ double gradient_tile_scale(double largest_ce, double 
   int exponent = 0;
   if (bound > 0 && std::isfinite(bound)) {
     std::frexp(bound, &exponent);  // bound in [2^(exponent - 1), 2^exponent)
-    exponent -= kTileBoundLog2;    // bound / 2^exponent in [2^(kTileBoundLog2 - 1), 2^kTileBoundLog2)
+    exponent -= kTileBoundLog2;    // bound / 2^exponent in [2^14, 2^15)
   }
   return std::ldexp(1.0, exponent);
 }
@@ -489,7 +386,11 @@ __device__ __forceinline__ double gradient_tile_scale(double largest_ce, double 
 template <typename acc_t>
 __device__ __forceinline__ ScaledWeights<acc_t> scaled_weights(const BackwardWeights<acc_t>& w,
                                                               int n, double kappa) {
-  ScaledWeights<acc_t> out{w.row_ce, w.row_kl, {acc_t(0), acc_t(0)}, acc_t(1), 1.0};
+  ScaledWeights<acc_t> out{.row_ce = w.row_ce,
+                           .row_kl = w.row_kl,
+                           .uniform = {.ce = acc_t(0), .kl = acc_t(0)},
+                           .inv_scale = acc_t(1),
+                           .scale = 1.0};
   if (w.row_ce != nullptr) {
     out.scale = gradient_tile_scale(w.largest[0], w.largest[1], kappa);
   } else {
@@ -551,8 +452,9 @@ __global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
   // kappa, and the weights' 2^e that the G tiles leave out.
   const acc_t a = kappa * static_cast<acc_t>(w.scale);
   const bool row_ok = i < p.row_begin + p.row_count;
-  const acc_t r_i = row_ok ? p.row_lse[i] : acc_t(0), c_i = row_ok ? p.col_lse[i] : acc_t(0);
-  const acc_t k_i = row_ok ? p.row_kl[i] : acc_t(0);
+  const acc_t r_i = row_ok ? p.stats.row_lse[i] : acc_t(0);
+  const acc_t c_i = row_ok ? p.stats.col_lse[i] : acc_t(0);
+  const acc_t k_i = row_ok ? p.stats.row_kl[i] : acc_t(0);
   const RowWeights<acc_t> w_i = row_ok ? w.of(i) : RowWeights<acc_t>{acc_t(0), acc_t(0)};
   double dkappa = 0;
 
@@ -571,7 +473,7 @@ __global__ void __launch_bounds__(Traits::kThreads, kTileKernelMinBlocksPerSm)
       acc_t g_ij = 0, g_ji = 0;
       if (row_ok && j < n) {
         const acc_t l_ij = kappa * x[m], l_ji = kappa * y[m];
-        const acc_t r_j = p.row_lse[j], c_j = p.col_lse[j], k_j = p.row_kl[j];
+        const acc_t r_j = p.stats.row_lse[j], c_j = p.stats.col_lse[j], k_j = p.stats.row_kl[j];
         const RowWeights<acc_t> w_j = w.of(j);
         const RowTerms<acc_t> row_i{.r = r_i, .c = c_i, .k = k_i, .w_ce = w_i.ce, .w_kl = w_i.kl};
         const RowTerms<acc_t> row_j{.r = r_j, .c = c_j, .k = k_j, .w_ce = w_j.ce, .w_kl = w_j.kl};
