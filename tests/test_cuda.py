@@ -214,13 +214,14 @@ def test_cuda_row_ranges_match_whole(dtype, stat_rtol, grad_rtol, theta, max_sca
     w_ce, w_kl = (w.to("cuda", acc) for w in (weight_ce, weight_kl))
     r, c, k = stats[:3]
     grads = [ops.icd_backward_rows(unit, norms, th, r, c, k, w_ce, w_kl, begin, count,
-                                   max_scale, dtype) for begin, count in ROW_RANGES]
+                                   max_scale, dtype, False) for begin, count in ROW_RANGES]
     got = [torch.cat([g[0] for g in grads]).cpu(), torch.cat([g[1] for g in grads]).cpu(),
            sum(g[2] for g in grads).cpu()]
     want = weighted_rows_oracle(z_s.cpu(), z_t.cpu(), th.cpu(), weight_ce, weight_kl,
                                 max_scale=max_scale)
     assert_grads_match(got, want, n, d, grad_rtol, f"row ranges {dtype}")
-    one = ops.icd_backward_rows(unit, norms, th, r, c, k, w_ce, w_kl, 500, 1, max_scale, dtype)
+    one = ops.icd_backward_rows(unit, norms, th, r, c, k, w_ce, w_kl, 500, 1, max_scale, dtype,
+                                False)
     for m in range(2):
         assert_rel_close(one[m].cpu(), want[m][500:501], grad_rtol, "one-row range",
                          floor=want[m].abs().max().item())
