@@ -8,7 +8,7 @@
 #
 #   quick (first, always, unless --no-quick), about 5.5 min:
 #       build for the visible GPU's arch (only when the build lacks it), the CUDA tests
-#       (tests/test_cuda.py), ~30 s of bench/bench_gpu_quick.py (N = 64, 1024, 16384, D = 128,
+#       (tests/ops/test_cuda.py), ~30 s of bench/bench_gpu_quick.py (N = 64, 1024, 16384, D = 128,
 #       fp32 and bf16: fused vs eager vs torch.compile) plus its compilations
 #   sanitize, about 4 min: compute-sanitizer memcheck, racecheck, initcheck and synccheck, each
 #       on bench/sanitize_workload.py with the caching allocator off, each reported on its own
@@ -37,7 +37,7 @@
 #
 # GPU_SESSION_DRY_RUN=1 runs the stage logic without a GPU: commands are written to the logs
 # instead of run, the result files are written as placeholders, and the listing is checked
-# (tests/test_gpu_session.py runs it in CI); it ends by naming every file it wrote under
+# (tests/bench/test_gpu_session.py runs it in CI); it ends by naming every file it wrote under
 # $OUT, those gone again included. There GPU_SESSION_DRY_RUN_FAIL="stage:step ..." fails the
 # named steps, GPU_SESSION_DRY_RUN_CUT="stage:step" ends the session in that step as the
 # device tool's time limit would, GPU_SESSION_DRY_RUN_ARCH (default 9.0) is the GPU's arch
@@ -249,7 +249,7 @@ stage_quick() {
     note "quick:bench: SKIPPED (no build)"
     return 1
   fi
-  run_tests quick:tests 240 "$PWD" tests/test_cuda.py tests/test_blockwise_cuda.py
+  run_tests quick:tests 240 "$PWD" tests/ops/test_cuda.py tests/ops/test_blockwise_cuda.py
   begin_step quick:bench
   wrote "$OUT/quick-bench.json"
   run_step 240 "$PY" bench/bench_gpu_quick.py --out "$OUT/quick-bench.json"
@@ -331,7 +331,7 @@ stage_no_tensor_core_build() {
     note "no-tensor-core-build:tests: SKIPPED (no build)"
     return 1
   fi
-  run_tests no-tensor-core-build:tests 180 "$scratch" tests/test_cuda.py \
+  run_tests no-tensor-core-build:tests 180 "$scratch" tests/ops/test_cuda.py \
     -k "half or tf32 or compiled_arch"
 }
 

@@ -8,7 +8,7 @@ A page under docs/ shows a table by naming its results file between two markers:
 
 `python bench/tables.py docs/benchmarks.md` rewrites every such block from its file, and
 `--check` fails (exit 1) when a block is not what its file gives, so numbers in the docs are
-never typed by hand (tests/test_bench_tables.py runs the check).
+never typed by hand (tests/bench/test_bench_tables.py runs the check).
 """
 from __future__ import annotations
 

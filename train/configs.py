@@ -13,7 +13,7 @@ transfer of CIFAR-100 students' features to STL-10 and Tiny-ImageNet by a linear
 A cell the paper leaves unreported ("n/a") where the method applies is still a config. A
 method that cannot apply to a pair has none: FSP compares the flow matrices of teacher and
 student point by point, so it needs equal channels from the stem to the last stage, which
-holds only for pairs of one width (tests/test_configs_results.py checks the pairs against the
+holds only for pairs of one width (tests/train/test_results.py checks the pairs against the
 models' channels). OFD, WSLD and IPWD are named here as the registry names them
 (train.distillers); a config of a method the registry lacks is listed but its `run` fails.
 """

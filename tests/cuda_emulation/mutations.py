@@ -7,7 +7,7 @@
 
 Each mutation replaces one snippet of csrc/cuda/ (or of the launcher) in a scratch copy of
 csrc/ and tests/, rebuilds the emulated kernels there (one compile job) and runs
-tests/test_cuda_emul.py on it; an unmutated copy runs first as the baseline. A snippet that
+tests/ops/test_cuda_emul.py on it; an unmutated copy runs first as the baseline. A snippet that
 no longer occurs exactly once stops the run: the mutation must be brought up to date with
 the code. Prints a Markdown table: the tests that fail, by test function, out of those run.
 A build takes a minute or two and the tests two to three; all mutations take a while.
@@ -27,7 +27,7 @@ import time
 import xml.etree.ElementTree as ElementTree
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TEST_FILE = os.path.join("tests", "test_cuda_emul.py")
+TEST_FILE = os.path.join("tests", "ops", "test_cuda_emul.py")
 # What a scratch copy holds: the kernels, the emulation and the tests' helpers.
 COPIED = ["csrc", os.path.join("tests", "cuda_emulation"), TEST_FILE,
           os.path.join("tests", "helpers.py"), os.path.join("tests", "conftest.py"),

@@ -1,4 +1,4 @@
-"""One rank of tests/test_sharded.py: joins a gloo group through a file, runs every case of
+"""One rank of tests/ops/test_sharded.py: joins a gloo group through a file, runs every case of
 the plan on its own rows with icd_fast.icd_loss_sharded and saves what it got."""
 import sys
 

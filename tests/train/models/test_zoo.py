@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.models import (CIFAR_MODELS, FeatureTap, build_model, classifier_layer,
-                          feature_points)
-from zoo_fixture import cifar_zoo, logits_input, methods, methods_input, reference_model
+from train.models import CIFAR_MODELS, FeatureTap, build_model, classifier_layer, feature_points
+
+from helpers import cifar_zoo, logits_input, methods, methods_input, reference_model
 
 ZOO = sorted(cifar_zoo())
 

@@ -14,8 +14,8 @@ import torch
 import icd_fast
 from icd_fast import _ops
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE / "distributed"))
+TESTS = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(TESTS / "distributed"))
 from sharded_worker import global_inputs, upstream  # noqa: E402
 
 BACKENDS = [pytest.param("cpu", marks=pytest.mark.skipif(not _ops.HAS_CPU_KERNEL,
@@ -43,8 +43,8 @@ def launch(world, plan, tmp_path):
     torch.save(plan, plan_file)
     init_file = tmp_path / "init"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE / "distributed")])}
-    procs = [subprocess.Popen([sys.executable, str(HERE / "distributed" / "sharded_worker.py"),
+           "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS / "distributed")])}
+    procs = [subprocess.Popen([sys.executable, str(TESTS / "distributed" / "sharded_worker.py"),
                                str(rank), str(world), str(init_file), str(plan_file),
                                str(tmp_path)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)

@@ -12,7 +12,7 @@ pytest.importorskip("torchdistill", reason="torchdistill is not installed: the i
                     "is the optional extra, pip install -e \".[torchdistill]\"")
 
 import icd_fast  # noqa: E402
-from data_files import write_cifar100, write_image_folder  # noqa: E402
+from helpers import write_cifar100, write_image_folder  # noqa: E402
 from torchdistill.common import yaml_util  # noqa: E402
 from torchdistill.common.main_util import import_dependencies, load_ckpt  # noqa: E402
 from torchdistill.core.distillation import get_distillation_box  # noqa: E402
@@ -20,7 +20,7 @@ from torchdistill.misc.log import MetricLogger  # noqa: E402
 from torchdistill.models.official import get_image_classification_model  # noqa: E402
 from torchdistill.models.registry import get_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs" / "torchdistill"
 CIFAR_ICD = CONFIGS / "cifar100" / "icd-resnet8x4_from_resnet32x4.yaml"
 CIFAR_ICD_KD = CONFIGS / "cifar100" / "icd_kd-resnet8x4_from_resnet32x4.yaml"

@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from data_files import write_cifar100
 from train.cli import main
 from train.data.catalog import load_data
 from train.figures.correlation import LogitCorrelation, correlation_differences
-from train.figures.output import save_figure, pyplot
+from train.figures.output import pyplot, save_figure
 from train.figures.tables import plot_table
 from train.models import build_model
 from train.results import Cell, ResultTable
 from train.run_folder import parse_run_folder_name, run_folder_name
+
+from helpers import write_cifar100
 
 
 def sidecar(figure_path):

@@ -14,12 +14,12 @@ from train import engine
 from train.configs import TABLES
 from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
 from train.distillers import DISTILLERS, build_distiller, kd_loss
-from train.distillers.ofd import (margins_from_batch_norm, overhaul_stage_loss,
-                                  teacher_margin_norms)
+from train.distillers.ofd import margins_from_batch_norm, overhaul_stage_loss, teacher_margin_norms
 from train.distillers.reweighted_kd import (inverse_propensity_weights, wsld_sample_weights,
                                             wsld_soft_loss)
 from train.models import build_model, feature_points
-from zoo_fixture import methods_input, methods_ofd_wsld, reference_model, reference_weights
+
+from helpers import methods_input, methods_ofd_wsld, reference_model, reference_weights
 
 FIXTURE = methods_ofd_wsld()
 PAIRS = sorted(FIXTURE["pairs"])

@@ -176,7 +176,7 @@ def test_cuda_launch_counts_at_small_n(dtype):
     assert 1 <= len(ours) <= 4, backward_names
 
 
-# The row-range ops of the sharded loss (as tests/test_cuda_emul.py checks them under the
+# The row-range ops of the sharded loss (as tests/ops/test_cuda_emul.py checks them under the
 # emulation): N = 1000 in three ranges that do not start on a 32-row tile, plus one row.
 ROW_RANGES = [(0, 333), (333, 334), (667, 333)]
 

@@ -16,7 +16,7 @@ import icd_fast
 from helpers import (assert_grads_match, assert_rel_close, make_inputs, oracle,
                      row_terms_oracle, weighted_rows_oracle)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def emulated():
     os.makedirs(build_dir, exist_ok=True)
     return cpp_extension.load(
         name="icd_fast_emulated_cuda",
-        sources=[os.path.join(HERE, "cuda_emulation", "emulated_ops.cpp")],
+        sources=[os.path.join(TESTS, "cuda_emulation", "emulated_ops.cpp")],
         extra_cflags=["-O1", "-std=c++20"],
         build_directory=build_dir,
         verbose=False,

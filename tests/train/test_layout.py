@@ -4,7 +4,7 @@ import ast
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Each name as it would appear in a path; "probe-" not as part of an option (--probe-lr).
 RUN_FOLDER_NAMES = {name: re.compile(r"(^|[^-\w])" + re.escape(name))
                     for name in ("last.pt", "best.pt", "log.csv", "run.json", "probe-")}

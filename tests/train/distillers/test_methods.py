@@ -7,8 +7,6 @@ import math
 import pytest
 import torch
 
-from data_files import write_cifar100
-from helpers import printed_table
 from train import engine
 from train.cli import main
 from train.data.digits import NUM_CLASSES, digits_datasets, stratified_subset
@@ -18,7 +16,8 @@ from train.distillers.feature_methods import DEFAULT_BETAS, TWO_STAGE_METHODS, e
 from train.models import build_model, feature_points
 from train.recipes import init_stage_lr
 from train.training import train_init_stage, train_model
-from zoo_fixture import methods, methods_input, reference_model
+
+from helpers import methods, methods_input, printed_table, reference_model, write_cifar100
 
 FIXTURE = methods()
 METHODS = sorted(DEFAULT_BETAS)

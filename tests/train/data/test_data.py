@@ -2,9 +2,10 @@
 import pytest
 import torch
 
-from data_files import write_cifar100, write_image_folder, write_stl10
 from train.data.vision import (cifar_datasets, image_folder_datasets, stl10_datasets,
                                tiny_imagenet_datasets)
+
+from helpers import write_cifar100, write_image_folder, write_stl10
 
 
 def test_cifar100_reads_the_pickle_batches(tmp_path, no_md5):

@@ -6,8 +6,6 @@ downloaded and no key name of the zoo is assumed.
 """
 import argparse
 import copy
-import os
-import shlex
 import types
 from collections import OrderedDict
 
@@ -15,27 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from data_files import write_cifar100, write_stl10
 from train.checkpoints import (CheckpointMismatch, UntrustedCheckpoint, extract_state_dict,
                                load_model, load_model_weights, read_checkpoint)
 from train.cli import main
 from train.distillers import build_distiller
 from train.models import build_model, classifier_layer
 from train.teachers import PUBLISHED_TEACHERS
-from zoo_fixture import cifar_zoo, logits_input, reference_weights
 
-
-def trained_looking(name="resnet8", classes=10, channels=3, seed=1):
-    """A model whose every parameter and buffer differs from a freshly built one's."""
-    torch.manual_seed(seed)
-    model = build_model(name, classes, channels)
-    with torch.no_grad():
-        for key, value in model.state_dict().items():
-            if value.is_floating_point():
-                value.add_(torch.rand_like(value))
-            else:  # batch counters
-                value.fill_(7)
-    return model
+from helpers import (cifar_zoo, logits_input, malicious_checkpoint, reference_weights,
+                     trained_looking, write_cifar100, write_stl10)
 
 
 def assert_same_weights(model, source):
@@ -196,24 +182,6 @@ def test_a_file_without_weights_or_not_a_checkpoint_is_a_clear_error(tmp_path):
             read_checkpoint(tmp_path / name)
     with pytest.raises(FileNotFoundError, match="nowhere.pth does not exist"):
         read_checkpoint(tmp_path / "nowhere.pth")
-
-
-class RunsACommand:
-    """Unpickling this runs a shell command that creates `marker`."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {shlex.quote(str(self.marker))}",)
-
-
-def malicious_checkpoint(tmp_path, name="evil.pth", legacy=False):
-    marker = tmp_path / "the_command_ran"
-    path = tmp_path / name
-    torch.save({"model": trained_looking().state_dict(), "opt": RunsACommand(marker)}, path,
-               _use_new_zipfile_serialization=not legacy)
-    return path, marker
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy-pickle"])

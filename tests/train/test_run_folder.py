@@ -22,9 +22,9 @@ from train.models import build_model
 from train.results import final_accuracy
 from train.run_folder import BEST, LAST, LOCK, LOG, PLAN, RunFolderError
 
-from test_train import tiny_problem
+from helpers import tiny_problem
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DIGITS = ["--dataset", "digits", "--device", "cpu"]
 EPOCHS = 3
 

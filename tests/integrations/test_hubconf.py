@@ -5,11 +5,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_checkpoints import malicious_checkpoint
 from train.checkpoints import UntrustedCheckpoint
 from train.models import build_model
 
-REPO = str(Path(__file__).resolve().parents[1])
+from helpers import malicious_checkpoint
+
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def test_hub_entry_builds_a_zoo_model_with_a_published_teachers_weights(tmp_path):

@@ -10,7 +10,7 @@ import torch
 
 from train.engine import GlobalBatchSampler
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "distributed" / "fit_worker.py"
 
 
