@@ -77,7 +77,9 @@ def machine_line(report: dict) -> str:
         return f"*Machine: {machine}.*"
     if not isinstance(machine, dict):
         return ""
-    parts = [machine.get("cpu", "?"), machine.get("isa"), f"{machine.get('threads')} threads",
+    threads = machine.get("threads")
+    parts = [machine.get("cpu", "?"), machine.get("isa"),
+             f"{threads} thread{'' if threads == 1 else 's'}",
              f"torch {machine.get('torch')}", machine.get("date", "")[:10]]
     load = machine.get("load_average_1_5_15_min")
     if load:
