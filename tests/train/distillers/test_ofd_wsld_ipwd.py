@@ -385,9 +385,12 @@ def test_logit_methods_build_and_step_on_the_fixture_pairs(method, pair):
     take_a_step(method, teacher_name, student_name, "cifar100")
 
 
-def digits_distiller(method, seed):
-    torch.manual_seed(seed)
+def digits_distiller(method, student_seed):
+    # One teacher for every process (resume checks that it continues with the same teacher);
+    # the student of a resumed process starts elsewhere and must be restored.
+    torch.manual_seed(0)
     teacher = build_model("resnet8", NUM_CLASSES, in_channels=1)
+    torch.manual_seed(student_seed)
     student = build_model("resnet8", NUM_CLASSES, in_channels=1)
     return build_distiller(method, student, teacher, example_images=torch.zeros(2, 1, 8, 8))
 
