@@ -131,7 +131,7 @@ def test_sweep_runs_each_cell_once_and_plots_mean_and_std_over_seeds(tmp_path, n
     config = "cifar100/resnet56-resnet20/icd"
     command = ["sweep", config, "--param", "beta", "--values", "0.1", "10", "--seeds", "0", "1",
                "--data", str(data), "--runs", str(runs), "--teacher-ckpt",
-               str(tmp_path / "teacher" / "best.pt"), "--epochs", "1", "--batch-size", "16",
+               str(tmp_path / "teacher" / "last.pt"), "--epochs", "1", "--batch-size", "16",
                "--device", "cpu"]
     assert main(command) == 0
     figure = only_file(runs / "figures", "*.png")
