@@ -55,7 +55,8 @@ def demo(options: DemoOptions) -> int:
         return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
 
     teacher = build_model(options.teacher, NUM_CLASSES, IN_CHANNELS)
-    teacher_config = engine.TrainConfig(epochs=options.teacher_epochs, batch_size=options.batch_size)
+    teacher_config = engine.TrainConfig(epochs=options.teacher_epochs,
+                                        batch_size=options.batch_size)
     _, t_hist = train_model("vanilla", teacher, None, train_set, test_set, teacher_config,
                             options.lr, 5e-4, cosine(options.teacher_epochs))
     print(f"teacher {options.teacher}: {t_hist.rows[-1]['test_acc']:.2f}% "
