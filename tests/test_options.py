@@ -49,3 +49,15 @@ def test_the_swept_weight_given_as_a_fixed_option_is_refused(tmp_path, capsys):
     assert main(["sweep", "cifar100/resnet56-resnet20/icd", "--param", "beta", "--beta", "1",
                  "--runs", str(tmp_path), "--plot-only"]) == 2
     assert "--beta is the swept parameter" in capsys.readouterr().err
+
+
+def test_a_cells_linear_probe_draws_from_the_cells_seed(monkeypatch):
+    from train import runs
+
+    recipes = []
+    monkeypatch.setattr(runs, "probe_checkpoint", lambda *a: recipes.append(a[5]) or 0.0)
+    plan = RunPlan(config="cifar100/resnet56-resnet20/icd", runs=Path("runs"), data_root="d",
+                   download=False, session=Session(seed=0, workers=2))
+    cell = sweeps.cell_plan(plan, sweeps.SWEEP_PARAMETERS["beta"], 1.0, 3)
+    runs.probe_plan(cell, "resnet20", "last.pt", "stl10", "root")
+    assert (recipes[0].seed, recipes[0].num_workers) == (3, 2)

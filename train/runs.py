@@ -33,20 +33,25 @@ def probe_teacher_once(runs: Path, dataset: str, teacher: str, ckpt: Path, trans
 
 
 def probe_plan(plan: RunPlan, model_name: str, ckpt, transfer_set: str, root) -> float:
+    # The probe draws from the run's seed: a sweep cell replaces only the session's.
+    recipe = dataclasses.replace(plan.probe, seed=plan.session.seed,
+                                 num_workers=plan.session.workers)
     return probe_checkpoint(model_name, ckpt, transfer_set, root, plan.probe_image_size,
-                            plan.probe, plan.session, plan.download)
+                            recipe, plan.session, plan.download)
 
 
 def stage_request(plan: RunPlan, dataset: str, model: str, method: str, out: Path,
                   teacher_stage: bool = False) -> TrainingRequest:
     """A stage of `run`: both resume; the teacher's trains with its own epochs (when given),
     no loss weights, and is never overwritten. The plan records no teacher's name (`run`
-    never had a --teacher), as the run folders already written say."""
+    never had a --teacher), as the run folders already written say. Both get init_epochs:
+    a bad value is refused before the teacher trains."""
     if teacher_stage:
         recipe = (dataclasses.replace(plan.recipe, epochs=plan.teacher_epochs)
                   if plan.teacher_epochs else plan.recipe)
         return TrainingRequest(dataset=dataset, model=model, method=method, out=out,
-                               session=plan.session, recipe=recipe, resume=True)
+                               session=plan.session, recipe=recipe,
+                               init_epochs=plan.init_epochs, resume=True)
     return TrainingRequest(dataset=dataset, model=model, method=method, out=out,
                            session=plan.session, recipe=plan.recipe,
                            loss_weights=plan.loss_weights, init_epochs=plan.init_epochs,
