@@ -293,25 +293,15 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     """
     device = next(distiller.student.parameters()).device
     rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
     # Checked before the run folder is made: a run that cannot start leaves nothing.
     GlobalBatchSampler(len(train_set), config.batch_size, config.seed, 0, rank, world)
-    model = distiller
-    if world > 1:
-        skip = buffers_not_broadcast(distiller)
-        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-            distiller, skip)
-        buffers = dict(distiller.named_buffers())
-        for name in skip:  # DDP leaves them out of its start-up broadcast too
-            distributed.broadcast_(buffers[name])
-        model = torch.nn.parallel.DistributedDataParallel(
-            distiller, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_for_ddp(distiller, device)
     folder = Path(config.out_dir) if config.out_dir is not None else None
     with contextlib.ExitStack() as stack:
         plan = None
         if folder is not None:
             failure = None
-            if main:  # rank 0 alone holds the folder: its lock, its files
+            if rank == 0:  # rank 0 alone holds the folder: its lock, its files
                 plan = run_plan(distiller, config)
                 try:
                     stack.enter_context(run_folder.training_into(
@@ -319,76 +309,68 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
                 except run_folder.RunFolderError as error:
                     failure = str(error)
             _on_every_rank(failure)
-        return _fit(distiller, model, train_set, test_set, optimizer, scheduler, config,
-                    resume, device, folder, plan)
+        return _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler,
+                             config, resume, device, folder, plan)
 
 
-def _fit(distiller, model, train_set, test_set, optimizer, scheduler, config, resume, device,
-         folder: Optional[Path], plan: Optional[dict]) -> History:
-    rank, world = distributed.rank(), distributed.world_size()
-    main = rank == 0
+def wrap_for_ddp(distiller, device: torch.device):
+    """The module the steps call: the distiller itself, or under W > 1 ranks its DDP wrapper
+    (rank 0's weights broadcast to every rank, but for the buffers DDP must not overwrite)."""
+    if distributed.world_size() == 1:
+        return distiller
+    skip = buffers_not_broadcast(distiller)
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+        distiller, skip)
+    buffers = dict(distiller.named_buffers())
+    for name in skip:  # DDP leaves them out of its start-up broadcast too
+        distributed.broadcast_(buffers[name])
+    return torch.nn.parallel.DistributedDataParallel(
+        distiller, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@dataclass
+class _Resumed:
+    history: History
+    start_epoch: int
+    best: Optional[dict]  # the best student's payload that last.pt carries
+
+
+def resume_from_last(distiller, optimizer, scheduler, scaler, last: Optional[Path],
+                     config: TrainConfig, device: torch.device, wanted: bool) -> _Resumed:
+    """Where the run starts: from last.pt (model, optimiser, scheduler, scaler, history and
+    this rank's RNG states) when resuming and it exists, else from epoch 0."""
+    if not (wanted and last is not None and last.exists()):
+        return _Resumed(History(), 0, None)
+    state = _resume_state(distiller, optimizer, scheduler, scaler, last, config, device)
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rng) == distributed.world_size():  # with another process count the RNG streams
+        _set_rng_state(rng[distributed.rank()], device)  # start afresh
+    return _Resumed(History(rows=state["history"]), state["epoch"] + 1, state.get("best"))
+
+
+def _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler, config,
+                  resume: bool, device, folder: Optional[Path], plan: Optional[dict]) -> History:
+    """Resume, then per epoch: its steps, the scheduler, the test accuracy, the commit."""
+    main = distributed.rank() == 0
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
-    history, start_epoch, best = History(), 0, None
     last = folder / run_folder.LAST if folder is not None else None
-    if resume and last is not None and last.exists():
-        state = _resume_state(distiller, optimizer, scheduler, scaler, last, config, device)
-        rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if len(rng) == world:  # with another process count the RNG streams start afresh
-            _set_rng_state(rng[rank], device)
-        history.rows = state["history"]
-        start_epoch = state["epoch"] + 1
-        best = state.get("best")
+    start = resume_from_last(distiller, optimizer, scheduler, scaler, last, config, device,
+                             resume)
+    history, best = start.history, start.best
     if folder is not None and main:
         run_folder.rewrite_if_changed(folder / run_folder.PLAN,
                                       run_folder.plan_text(plan).encode())
         if history.rows:
             _repair_derived_files(folder, best, history.rows)
-    board = (_tensorboard(folder, start_epoch)
-             if config.tensorboard and main and start_epoch < config.epochs else None)
+    board = (_tensorboard(folder, start.start_epoch)
+             if config.tensorboard and main and start.start_epoch < config.epochs else None)
 
-    for epoch in range(start_epoch, config.epochs):
+    for epoch in range(start.start_epoch, config.epochs):
         started = time.time()
-        distiller.train()
-        batches = GlobalBatchSampler(len(train_set), config.batch_size, config.seed, epoch,
-                                     rank, world)
-        loader = DataLoader(IndexedDataset(train_set), batch_sampler=batches,
-                            num_workers=config.num_workers, pin_memory=device.type == "cuda")
-        sums: Optional[torch.Tensor] = None
-        names: List[str] = []
-        steps = 0
-        bar = _progress(loader, config.progress and main, f"epoch {epoch + 1}/{config.epochs}")
-        for images, labels, indices in bar:
-            images = images.to(device, non_blocking=True)
-            labels, indices = labels.to(device), indices.to(device)
-            with _autocast(device, config.precision):
-                _, losses = model(images, labels, indices)
-                loss = sum(losses.values())
-            # One all-reduce gives every rank the global mean of each term, so all ranks
-            # agree on stopping at a non-finite loss (one rank stopping alone would hang).
-            names = ["loss", *losses]
-            values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
-            values = distributed.all_reduce_sum(values.double()) / world
-            if not bool(torch.isfinite(values).all()):
-                terms = dict(zip(names, values.tolist()))
-                raise NonFiniteLoss(f"epoch {epoch}: loss is not finite ({terms}); "
-                                    f"{_kept(last)}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            sums = values if sums is None else sums + values
-            steps += 1
-            if bar is not loader and steps % 10 == 0:
-                bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
-        # The epoch's last step is checked here, before anything of it is saved.
-        bad = non_finite_tensors(distiller)
-        if distributed.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item():
-            shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            raise NonFiniteLoss(f"epoch {epoch}: weights are not finite after the epoch's "
-                                f"last step ({shown or 'on another rank'}); {_kept(last)}")
+        names, means = train_epoch(distiller, model, train_set, optimizer, scaler, config,
+                                   epoch, device, last)
         if scheduler is not None:
             scheduler.step()
-        means = (sums / steps).tolist() if steps else []
         row = {"epoch": epoch, **dict(zip(names, means)),
                "test_acc": evaluate(distiller.student, test_set, precision=config.precision,
                                     num_workers=config.num_workers),
@@ -411,6 +393,62 @@ def _fit(distiller, model, train_set, test_set, optimizer, scheduler, config, re
     if board is not None:
         board.close()
     return history
+
+
+def train_epoch(distiller, model, train_set, optimizer, scaler, config: TrainConfig,
+                epoch: int, device: torch.device, last: Optional[Path]):
+    """One epoch of steps over this rank's share of the (seed, epoch) permutation; returns
+    the loss terms' names and their means over the epoch (global means under DDP)."""
+    rank, world = distributed.rank(), distributed.world_size()
+    distiller.train()
+    batches = GlobalBatchSampler(len(train_set), config.batch_size, config.seed, epoch,
+                                 rank, world)
+    loader = DataLoader(IndexedDataset(train_set), batch_sampler=batches,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+    sums: Optional[torch.Tensor] = None
+    names: List[str] = []
+    steps = 0
+    bar = _progress(loader, config.progress and rank == 0,
+                    f"epoch {epoch + 1}/{config.epochs}")
+    for batch in bar:
+        names, values = train_step(model, batch, optimizer, scaler, config.precision, device,
+                                   epoch, last)
+        sums = values if sums is None else sums + values
+        steps += 1
+        if bar is not loader and steps % 10 == 0:
+            bar.set_postfix(loss=f"{sums[0].item() / steps:.4f}")
+    # The epoch's last step is checked here, before anything of it is saved.
+    bad = non_finite_tensors(distiller)
+    if distributed.all_reduce_sum(torch.tensor([float(len(bad))], device=device)).item():
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteLoss(f"epoch {epoch}: weights are not finite after the epoch's "
+                            f"last step ({shown or 'on another rank'}); {_kept(last)}")
+    return names, (sums / steps).tolist() if steps else []
+
+
+def train_step(model, batch, optimizer, scaler, precision: str, device: torch.device,
+               epoch: int, last: Optional[Path]):
+    """One optimiser step on a batch (images, labels, indices); returns the loss terms'
+    names and their values averaged over the ranks (float64)."""
+    images, labels, indices = batch
+    images = images.to(device, non_blocking=True)
+    labels, indices = labels.to(device), indices.to(device)
+    with _autocast(device, precision):
+        _, losses = model(images, labels, indices)
+        loss = sum(losses.values())
+    # One all-reduce gives every rank the global mean of each term, so all ranks agree on
+    # stopping at a non-finite loss (one rank stopping alone would hang).
+    names = ["loss", *losses]
+    values = torch.stack([loss.detach(), *(v.detach() for v in losses.values())])
+    values = distributed.all_reduce_sum(values.double()) / distributed.world_size()
+    if not bool(torch.isfinite(values).all()):
+        terms = dict(zip(names, values.tolist()))
+        raise NonFiniteLoss(f"epoch {epoch}: loss is not finite ({terms}); {_kept(last)}")
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return names, values
 
 
 def _save_epoch(distiller, optimizer, scheduler, scaler, epoch, history, rng,

@@ -9,8 +9,7 @@ zoo and any torchvision classifier, whatever its classifier layer is called.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from .models import FeatureTap, classifier_layer
-
-
-@dataclass
-class ProbeRecipe:
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 0.1
-    lr_decay_epochs: Sequence[int] = (20, 30, 35)
-    weight_decay: float = 0.0
-    seed: int = 0
-    num_workers: int = 0  # data loader processes for the feature pass
+from .options import ProbeRecipe, Session
 
 
 @torch.no_grad()
@@ -95,26 +84,23 @@ def linear_probe(model: nn.Module, train_set: Dataset, test_set: Dataset, num_cl
     return accuracy, head
 
 
-def probe_checkpoint(model_name: str, ckpt, dataset: str, root, args) -> float:
+def probe_checkpoint(model_name: str, ckpt, dataset: str, root, image_size: int,
+                     recipe: ProbeRecipe, session: Session, download: bool = False) -> float:
     """Linear probe of checkpoint ckpt (a model_name of any number of classes) on a transfer
-    set, with the probe options of the command line; returns the test top-1 in percent."""
+    set, its images resized to image_size; returns the test top-1 in percent."""
     from . import distributed
     from .checkpoints import load_state, naming_the_file, read_state_dict
     from .data.catalog import load_probe_data
     from .models import build_model
 
-    device = distributed.init_from_env(args.device)
+    device = distributed.init_from_env(session.device)
     # Any class count names the layers alike: a 2-class template reads the keys.
     template = build_model(model_name, 2)
-    state = read_state_dict(ckpt, template, args.trust_checkpoint, model_name)
+    state = read_state_dict(ckpt, template, session.trust_checkpoint, model_name)
     model = build_model(model_name, classes_in_state_dict(template, state))
     with naming_the_file(ckpt):
         load_state(model, state, model_name)
-    train_set, test_set, classes = load_probe_data(dataset, root, args.image_size,
-                                                   getattr(args, "download", False))
-    recipe = ProbeRecipe(epochs=args.probe_epochs, batch_size=args.probe_batch_size,
-                         lr=args.probe_lr, lr_decay_epochs=tuple(args.probe_lr_decay_epochs),
-                         seed=args.seed, num_workers=args.workers)
+    train_set, test_set, classes = load_probe_data(dataset, root, image_size, download)
     accuracy, _ = linear_probe(model.to(device), train_set, test_set, classes, recipe)
     distributed.say(f"linear probe of {model_name} ({ckpt}) on {dataset}: test top-1 "
                     f"{accuracy:.2f}%")

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import NamedTuple, Tuple
 
+from .options import RecipeOverrides
+
 
 class Recipe(NamedTuple):
     epochs: int
@@ -42,20 +44,18 @@ def init_stage_lr(method: str, student_name: str, lr: float, dataset: str) -> fl
     return lr
 
 
-def recipe(args, model_name: str) -> Recipe:
-    """The recipe of args.dataset for model_name, with every option the user gave (not None)
+def recipe(dataset: str, overrides: RecipeOverrides, model_name: str) -> Recipe:
+    """The recipe of the data set for model_name, with every number the user gave (not None)
     in place of its default: an explicit 0 (e.g. --weight-decay 0) is honoured."""
-    family = recipe_family(args.dataset)
+    family = recipe_family(dataset)
     default = RECIPES[family]
     if family == "cifar" and any(k in model_name.lower() for k in SMALL_LR_MODELS):
         default = default._replace(lr=0.01)
 
-    def chosen(option, fallback):
-        value = getattr(args, option, None)
-        return fallback if value is None else value
+    def chosen(option):
+        value = getattr(overrides, option)
+        return getattr(default, option) if value is None else value
 
-    return Recipe(epochs=chosen("epochs", default.epochs),
-                  batch_size=chosen("batch_size", default.batch_size),
-                  lr=chosen("lr", default.lr),
-                  lr_decay_epochs=tuple(chosen("lr_decay_epochs", default.lr_decay_epochs)),
-                  weight_decay=chosen("weight_decay", default.weight_decay))
+    return Recipe(epochs=chosen("epochs"), batch_size=chosen("batch_size"), lr=chosen("lr"),
+                  lr_decay_epochs=tuple(chosen("lr_decay_epochs")),
+                  weight_decay=chosen("weight_decay"))

@@ -4,7 +4,7 @@ paper). Each cell of the grid is an ordinary `run` of the config with that weigh
 and never retrains a finished cell; figures/sweep.py draws the result."""
 from __future__ import annotations
 
-import argparse
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -12,6 +12,7 @@ from typing import Dict, List, Tuple
 from . import distributed
 from .configs import get_config
 from .figures.sweep import plot_sweep
+from .options import RunPlan, SweepRequest
 from .results import final_accuracy
 from .run_folder import run_folder_name
 from .runs import run_config
@@ -21,7 +22,7 @@ from .training import loss_weight_options
 
 @dataclass(frozen=True)
 class SweepParameter:
-    argument: str  # the attribute of the `run` options that sets it
+    argument: str  # the field of LossWeights that sets it
     grid: Tuple[float, ...]  # the default values
     symbol: str  # its name on the figure's axis
 
@@ -39,25 +40,26 @@ SWEEP_PARAMETERS: Dict[str, SweepParameter] = {
 }
 
 
-def cell_args(args, parameter: SweepParameter, value: float, seed: int):
-    """The `run` options of one cell: the sweep's own with this value and seed."""
-    cell = argparse.Namespace(**vars(args))
-    setattr(cell, parameter.argument, value)
-    cell.seed, cell.out = seed, None
-    return cell
+def cell_plan(plan: RunPlan, parameter: SweepParameter, value: float, seed: int) -> RunPlan:
+    """The `run` plan of one cell: the sweep's own with this value and seed, in the run
+    folder named after them."""
+    return dataclasses.replace(
+        plan, out=None, session=dataclasses.replace(plan.session, seed=seed),
+        loss_weights=dataclasses.replace(plan.loss_weights, **{parameter.argument: value}))
 
 
-def cell_folder(args, parameter: SweepParameter, value: float, seed: int) -> Path:
-    cell = cell_args(args, parameter, value, seed)
-    return Path(args.runs) / run_folder_name(args.config, seed, loss_weight_options(cell))
+def cell_folder(plan: RunPlan, parameter: SweepParameter, value: float, seed: int) -> Path:
+    cell = cell_plan(plan, parameter, value, seed)
+    return Path(plan.runs) / run_folder_name(plan.config, seed,
+                                             loss_weight_options(cell.loss_weights))
 
 
-def collect_sweep(args, parameter: SweepParameter, values, seeds) -> List[dict]:
+def collect_sweep(plan: RunPlan, parameter: SweepParameter, values, seeds) -> List[dict]:
     """Per value: the final top-1 of each seed's run that finished all its epochs (an
     interrupted run is not a result: results.final_accuracy)."""
     points = []
     for value in values:
-        folders = [cell_folder(args, parameter, value, seed) for seed in seeds]
+        folders = [cell_folder(plan, parameter, value, seed) for seed in seeds]
         runs = [(seed, folder, final_accuracy(folder)) for seed, folder in zip(seeds, folders)]
         top1 = [acc for _, _, acc in runs if acc is not None]
         mean, std = mean_and_std(top1)
@@ -68,26 +70,27 @@ def collect_sweep(args, parameter: SweepParameter, values, seeds) -> List[dict]:
     return points
 
 
-def sweep_command(args) -> int:
-    get_config(args.config)  # an unknown config fails before any run
-    parameter = SWEEP_PARAMETERS[args.param]
-    values = args.values or list(parameter.grid)
-    if getattr(args, parameter.argument, None) is not None:
-        raise ValueError(f"--{args.param} is the swept parameter: give its values with "
+def sweep_command(sweep: SweepRequest) -> int:
+    plan = sweep.plan
+    get_config(plan.config)  # an unknown config fails before any run
+    parameter = SWEEP_PARAMETERS[sweep.param]
+    values = list(sweep.values) or list(parameter.grid)
+    if getattr(plan.loss_weights, parameter.argument) is not None:
+        raise ValueError(f"--{sweep.param} is the swept parameter: give its values with "
                          f"--values, not as a fixed option")
-    if not args.plot_only:
+    if not sweep.plot_only:
         for value in values:
-            for seed in args.seeds:
-                distributed.say(f"sweep {args.config}: {args.param} = {value:g}, seed {seed}")
-                run_config(cell_args(args, parameter, value, seed))
+            for seed in sweep.seeds:
+                distributed.say(f"sweep {plan.config}: {sweep.param} = {value:g}, seed {seed}")
+                run_config(cell_plan(plan, parameter, value, seed))
     if not distributed.is_main():
         return 0
-    points = collect_sweep(args, parameter, values, args.seeds)
+    points = collect_sweep(plan, parameter, values, sweep.seeds)
     for p in points:
         shown = f"{p['mean']:.2f} +- {p['std']:.2f} ({len(p['top1'])} seeds)" if p["top1"] \
             else "not run"
-        print(f"{args.param} = {p['value']:g}: top-1 {shown}")
-    path = plot_sweep(args.config, args.param, parameter.symbol, points,
-                      args.figures or Path(args.runs) / "figures", args.format)
+        print(f"{sweep.param} = {p['value']:g}: top-1 {shown}")
+    path = plot_sweep(plan.config, sweep.param, parameter.symbol, points,
+                      sweep.figures or Path(plan.runs) / "figures", sweep.format)
     print(f"figure: {path}")
     return 0

@@ -1,10 +1,9 @@
 """One training run of a model by a method: the distiller, its optimiser and schedule, and
-the engine's loop; the recipe and run folder come from the command line."""
+the engine's loop; the recipe and run folder come from a TrainingRequest."""
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -14,19 +13,20 @@ from . import distributed, engine
 from .data.labels import dataset_labels
 from .distillers import DISTILLERS, build_distiller
 from .models import build_model
+from .options import LossWeights, TrainingRequest
 from .recipes import INIT_STAGE_EPOCHS, init_stage_lr, recipe
 
 
-# Command-line loss weights -> the distillers' option names (paper eq. 13:
+# LossWeights' fields -> the distillers' option names (paper eq. 13:
 # gamma CE + lambda KD + beta method, and ICD's alpha inside its loss).
 LOSS_WEIGHT_OPTIONS = {"gamma": "gamma", "kd_weight": "lam", "beta": "beta", "alpha": "alpha"}
 
 
-def loss_weight_options(args) -> Dict[str, float]:
-    """The loss weights given on the command line (those left out keep the method's
-    defaults), as distiller options."""
-    return {option: getattr(args, arg) for arg, option in LOSS_WEIGHT_OPTIONS.items()
-            if getattr(args, arg, None) is not None}
+def loss_weight_options(weights: LossWeights) -> Dict[str, float]:
+    """The loss weights given (those left out keep the method's defaults), as distiller
+    options."""
+    return {option: getattr(weights, field) for field, option in LOSS_WEIGHT_OPTIONS.items()
+            if getattr(weights, field) is not None}
 
 
 def example_batch(dataset) -> torch.Tensor:
@@ -102,46 +102,46 @@ def train_model(method, student, teacher, train_set, test_set, config: engine.Tr
     return distiller, history
 
 
-def run_identity(args, student_name: str, teacher, method_options) -> Dict[str, object]:
+def run_identity(request: TrainingRequest, teacher, method_options) -> Dict[str, object]:
     """The plan entries of a run that its run folder records and a resume must repeat (the
     engine adds the method and the teacher's weights)."""
-    return {"dataset": args.dataset, "student": student_name,
-            "teacher": getattr(args, "teacher", None) if teacher is not None else None,
+    return {"dataset": request.dataset, "student": request.model,
+            "teacher": request.teacher if teacher is not None else None,
             "loss_options": dict(sorted((method_options or {}).items()))}
 
 
-def run_training(args, method: str, student_name: str, data, out: Path, teacher=None,
-                 epochs=None, resume=None, method_options=None, overwrite=None):
+def run_training(request: TrainingRequest, data, teacher=None):
     """One training run (teacher or student) on data = load_data(...) with the recipe of
-    args.dataset overridden by args (resume and overwrite too, unless given); returns its
-    History."""
-    device = distributed.init_from_env(args.device)
+    request.dataset overridden by request.recipe; returns its History."""
+    session = request.session
+    device = distributed.init_from_env(session.device)
     # DDP starts every rank from rank 0's weights; the ranks' random streams differ.
-    engine.seed_everything(args.seed + distributed.rank(), deterministic=args.deterministic)
+    engine.seed_everything(session.seed + distributed.rank(),
+                           deterministic=session.deterministic)
     train_set, test_set, classes, channels = data
-    student = build_model(student_name, classes, channels)
+    student = build_model(request.model, classes, channels)
     if teacher is not None:
         teacher = teacher.to(device)
-    plan = recipe(args, student_name)
-    progress = sys.stderr.isatty() if args.progress is None else args.progress
-    config = engine.TrainConfig(epochs=epochs or plan.epochs, batch_size=plan.batch_size,
-                                seed=args.seed, out_dir=Path(out), num_workers=args.workers,
-                                precision=args.precision, progress=progress,
-                                tensorboard=args.tensorboard,
-                                trust_checkpoint=args.trust_checkpoint,
-                                overwrite=(getattr(args, "overwrite", False)
-                                           if overwrite is None else overwrite),
-                                plan=run_identity(args, student_name, teacher, method_options))
+    plan = recipe(request.dataset, request.recipe, request.model)
+    method_options = loss_weight_options(request.loss_weights)
+    config = engine.TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size,
+                                seed=session.seed, out_dir=Path(request.out),
+                                num_workers=session.workers, precision=session.precision,
+                                progress=session.progress, tensorboard=session.tensorboard,
+                                trust_checkpoint=session.trust_checkpoint,
+                                overwrite=request.overwrite,
+                                plan=run_identity(request, teacher, method_options))
     milestones = list(plan.lr_decay_epochs)
     _, history = train_model(
-        method, student, teacher, train_set, test_set, config, plan.lr, plan.weight_decay,
+        request.method, student, teacher, train_set, test_set, config, plan.lr,
+        plan.weight_decay,
         lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1),
-        resume=args.resume if resume is None else resume, device=device, sync_bn=args.sync_bn,
+        resume=request.resume, device=device, sync_bn=session.sync_bn,
         method_options=method_options,
-        init_epochs=getattr(args, "init_epochs", INIT_STAGE_EPOCHS),
-        init_lr=init_stage_lr(method, student_name, plan.lr, args.dataset))
+        init_epochs=INIT_STAGE_EPOCHS if request.init_epochs is None else request.init_epochs,
+        init_lr=init_stage_lr(request.method, request.model, plan.lr, request.dataset))
     last = history.rows[-1]
-    distributed.say(f"{method} {student_name}: epoch {last['epoch']}, test top-1 "
+    distributed.say(f"{request.method} {request.model}: epoch {last['epoch']}, test top-1 "
                     f"{last['test_acc']:.2f}% (best {history.best_accuracy:.2f}%); "
-                    f"checkpoints in {out}")
+                    f"checkpoints in {request.out}")
     return history

@@ -2,24 +2,21 @@
 
 
 def test_recipes_follow_the_paper():
-    from argparse import Namespace
-
+    from train.options import RecipeOverrides
     from train.recipes import recipe
 
-    none = dict(epochs=None, batch_size=None, lr=None, lr_decay_epochs=None, weight_decay=None)
-    assert recipe(Namespace(dataset="cifar100", **none), "resnet8x4") == (
-        240, 64, 0.05, (150, 180, 210), 5e-4)
-    assert recipe(Namespace(dataset="cifar100", **none), "MobileNetV2")[2] == 0.01
-    assert recipe(Namespace(dataset="imagenet", **none), "tv_resnet18") == (
-        100, 256, 0.1, (30, 60, 90), 1e-4)
+    none = RecipeOverrides()
+    assert recipe("cifar100", none, "resnet8x4") == (240, 64, 0.05, (150, 180, 210), 5e-4)
+    assert recipe("cifar100", none, "MobileNetV2")[2] == 0.01
+    assert recipe("imagenet", none, "tv_resnet18") == (100, 256, 0.1, (30, 60, 90), 1e-4)
 
 
 def test_explicit_recipe_overrides_are_honoured_even_when_zero():
-    from argparse import Namespace
-
+    from train.options import RecipeOverrides
     from train.recipes import recipe
 
-    given = dict(epochs=3, batch_size=16, lr=0.0, lr_decay_epochs=[], weight_decay=0.0)
-    plan = recipe(Namespace(dataset="cifar100", **given), "resnet8x4")
+    given = RecipeOverrides(epochs=3, batch_size=16, lr=0.0, lr_decay_epochs=(),
+                            weight_decay=0.0)
+    plan = recipe("cifar100", given, "resnet8x4")
     assert plan.lr == 0.0 and plan.weight_decay == 0.0 and plan.epochs == 3
     assert plan.batch_size == 16 and plan.lr_decay_epochs == ()

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from .. import distributed, run_folder
 from ..checkpoints import load_model
 from ..data.catalog import load_data
+from ..options import CorrelationRequest
 from .output import file_stem, pyplot, save_figure
 from .run_folders import describe_run, run_labels
 
@@ -153,15 +154,15 @@ def _checkpoint_and_folder(spec):
     return path, path.parent
 
 
-def correlation_command(args) -> int:
+def correlation_command(request: CorrelationRequest) -> int:
     """Teacher and students (checkpoints or run folders) on a data set's test split: the
     heatmaps of |C_teacher - C_student|, and each student's mean and max difference."""
-    students = [_checkpoint_and_folder(spec) for spec in args.student]
+    students = [_checkpoint_and_folder(spec) for spec in request.students]
     descriptions = [describe_run(folder) for _, folder in students]
-    labels = args.labels or run_labels(descriptions)
+    labels = list(request.labels or run_labels(descriptions))
     if len(labels) != len(students):
         raise ValueError(f"--labels gives {len(labels)} labels for {len(students)} students")
-    models = args.student_model or [d.model for d in descriptions]
+    models = list(request.student_models or [d.model for d in descriptions])
     if len(models) == 1 and len(students) > 1:
         models = models * len(students)
     if len(models) != len(students):
@@ -171,25 +172,26 @@ def correlation_command(args) -> int:
         if model is None:
             raise ValueError(f"the architecture of {ckpt} is not known from its run folder's "
                              f"name: give it with --student-model")
-    teacher_ckpt, teacher_folder = _checkpoint_and_folder(args.teacher_ckpt)
-    teacher_name = (args.teacher or describe_run(teacher_folder).model
+    teacher_ckpt, teacher_folder = _checkpoint_and_folder(request.teacher_checkpoint)
+    teacher_name = (request.teacher or describe_run(teacher_folder).model
                     or next((d.teacher for d in descriptions if d.teacher), None))
     if teacher_name is None:
         raise ValueError("the teacher's architecture is not known from the run folders' "
                          "names: give it with --teacher")
-    device = distributed.init_from_env(args.device)
-    _, test_set, classes, channels = load_data(args.dataset, args.data, args.download)
-    trust = args.trust_checkpoint
+    device = distributed.init_from_env(request.session.device)
+    _, test_set, classes, channels = load_data(request.data.dataset, request.data.root,
+                                             request.data.download)
+    trust = request.session.trust_checkpoint
     networks = [load_model(teacher_name, teacher_ckpt, classes, channels, trust).to(device)]
     networks += [load_model(model, ckpt, classes, channels, trust).to(device)
                  for (ckpt, _), model in zip(students, models)]
     teacher_corr, *student_corrs = logit_correlations(
-        networks, test_set, classes, args.batch_size, device, args.workers)
+        networks, test_set, classes, request.batch_size, device, request.session.workers)
     differences = correlation_differences(teacher_corr, student_corrs, labels)
     for d, (ckpt, _) in zip(differences, students):
         print(f"{d.label}: mean |C_teacher - C_student| {d.mean_abs:.4f}, max "
               f"{d.max_abs:.4f} ({ckpt})")
-    path = plot_correlation_differences(differences, teacher_corr, args.dataset, teacher_name,
-                                        args.out, args.format)
+    path = plot_correlation_differences(differences, teacher_corr, request.data.dataset,
+                                        teacher_name, request.out, request.format)
     print(f"figure: {path}")
     return 0

@@ -70,8 +70,3 @@ def plot_curves(folders, out, fmt: str = "png", name: str = None) -> Path:
         stem = file_stem("curves", f"{len(folders)}-runs", name or "")
     return save_figure(fig, out, stem, fmt, values)
 
-
-def plot_command(args) -> int:
-    path = plot_curves(args.runs, args.out, args.format, args.name)
-    print(f"figure: {path}")
-    return 0

@@ -63,11 +63,10 @@ def test_crd_memory_banks_follow_the_embeddings(trained_teacher):
 
 
 def test_loss_weights_reach_the_distiller_and_unknown_ones_are_refused():
-    from argparse import Namespace
-
+    from train.options import LossWeights
     from train.training import loss_weight_options
 
-    options = loss_weight_options(Namespace(gamma=None, kd_weight=0.0, beta=2.5, alpha=None))
+    options = loss_weight_options(LossWeights(kd_weight=0.0, beta=2.5))
     assert options == {"lam": 0.0, "beta": 2.5}
     student = build_model("resnet8", NUM_CLASSES, 1)
     teacher = build_model("resnet8", NUM_CLASSES, 1)
