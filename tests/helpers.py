@@ -251,7 +251,7 @@ def fit_briefly(distiller, train, test, epochs, out_dir=None, resume=False, lr=0
     params = [p for p in distiller.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
-    config = engine.TrainConfig(epochs=epochs, batch_size=32, seed=1, out_dir=out_dir)
+    config = engine.LoopSettings(epochs=epochs, batch_size=32, seed=1, out_dir=out_dir)
     return engine.fit(distiller, train, test, opt, sched, config, resume=resume)
 
 

@@ -24,10 +24,8 @@
 Figures are PNG (--format pdf|svg), each with a JSON of its plotted values beside it.
 
 Data sets: cifar100, cifar10 (--data ROOT, --download), imagenet, tiny-imagenet (image
-folders under --data), digits (embedded, offline). Recipes (overridable): CIFAR 240 epochs,
-batch 64, SGD momentum 0.9, lr 0.05 (0.01 for MobileNetV2/ShuffleNet students), x0.1 at
-150/180/210, weight decay 5e-4; ImageNet 100 epochs, batch 256, lr 0.1, x0.1 at 30/60/90,
-weight decay 1e-4.
+folders under --data), digits (embedded, offline).
+{recipes}
 
 Checkpoints (--teacher-ckpt, --ckpt) may be this application's, the CRD benchmark's,
 mdistiller's, torchvision's or bare state dicts; they are read safely (weights_only) unless
@@ -41,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -58,7 +57,7 @@ from .figures.tables import write_table_files
 from .options import (CorrelationRequest, DataSource, DemoOptions, LossWeights, ProbeRecipe,
                       RecipeOverrides, RunPlan, Session, SweepRequest, TrainingRequest)
 from .probe import probe_checkpoint
-from .recipes import INIT_STAGE_EPOCHS
+from .recipes import INIT_STAGE_EPOCHS, describe_recipes
 from .results import collect_tables, results_tables
 from .run_folder import FINAL, LAST, LOG, TEACHER_CHECKPOINTS
 from .runs import run_config
@@ -439,7 +438,8 @@ COMMANDS: Dict[str, Command] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__,
+    description = __doc__.replace("{recipes}", textwrap.fill(describe_recipes(), width=90))
+    parser = argparse.ArgumentParser(prog="python -m train", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, command in COMMANDS.items():

@@ -55,9 +55,9 @@ def demo(options: DemoOptions) -> int:
         return lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
 
     teacher = build_model(options.teacher, NUM_CLASSES, IN_CHANNELS)
-    teacher_config = engine.TrainConfig(epochs=options.teacher_epochs,
+    teacher_settings = engine.LoopSettings(epochs=options.teacher_epochs,
                                         batch_size=options.batch_size)
-    _, t_hist = train_model("vanilla", teacher, None, train_set, test_set, teacher_config,
+    _, t_hist = train_model("vanilla", teacher, None, train_set, test_set, teacher_settings,
                             options.lr, 5e-4, cosine(options.teacher_epochs))
     print(f"teacher {options.teacher}: {t_hist.rows[-1]['test_acc']:.2f}% "
           f"({time.time() - start:.0f} s)", flush=True)
@@ -68,10 +68,10 @@ def demo(options: DemoOptions) -> int:
         for seed in range(options.seeds):
             engine.seed_everything(seed + 1)
             student = build_model(options.student, NUM_CLASSES, IN_CHANNELS)
-            config = engine.TrainConfig(epochs=options.epochs, batch_size=options.batch_size,
+            settings = engine.LoopSettings(epochs=options.epochs, batch_size=options.batch_size,
                                         seed=seed + 1)
             _, hist = train_model(method, student, teacher if method != "vanilla" else None,
-                                  student_set, test_set, config, options.lr, 5e-4,
+                                  student_set, test_set, settings, options.lr, 5e-4,
                                   cosine(options.epochs))
             accs.append(hist.rows[-1]["test_acc"])
             first_students.setdefault(method, student)

@@ -105,7 +105,10 @@ class GlobalBatchSampler(Sampler[List[int]]):
 
 
 @dataclass
-class TrainConfig:
+class LoopSettings:
+    """How fit trains: epochs, batch, seed, the run folder and the loop's switches (the
+    configs of the paper's tables are train.configs' RunConfig; these are the loop's)."""
+
     epochs: int
     batch_size: int  # global: split over the ranks under torchrun
     seed: int = 0
@@ -208,13 +211,13 @@ def buffers_not_broadcast(distiller) -> List[str]:
             if id(buffer) in frozen or name in getattr(distiller, "replicated_buffers", ())]
 
 
-def run_plan(distiller, config: TrainConfig) -> dict:
+def run_plan(distiller, settings: LoopSettings) -> dict:
     """What the run is, as its run.json records it."""
     teacher = getattr(distiller, "teacher", None)
-    return {**config.plan, "method": getattr(distiller, "method", None),
+    return {**settings.plan, "method": getattr(distiller, "method", None),
             "teacher_weights": content_digest(teacher.state_dict()) if teacher is not None
             else None,
-            "epochs": config.epochs}
+            "epochs": settings.epochs}
 
 
 def _on_every_rank(failure: Optional[str]) -> None:
@@ -239,10 +242,10 @@ def non_finite_tensors(module: torch.nn.Module) -> List[str]:
     return [name for (name, _), ok in zip(named, finite) if not ok]
 
 
-def _resume_state(distiller, optimizer, scheduler, scaler, last: Path, config, device):
+def _resume_state(distiller, optimizer, scheduler, scaler, last: Path, settings, device):
     """Loads last.pt into the run's objects; returns its content. Every error is raised
     before anything in the run folder changes."""
-    state = read_checkpoint(last, config.trust_checkpoint, map_location=device)
+    state = read_checkpoint(last, settings.trust_checkpoint, map_location=device)
     missing = [key for key in LAST_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise run_folder.RunFolderError(
@@ -285,8 +288,8 @@ def _repair_derived_files(folder: Path, best: Optional[dict], rows) -> None:
 
 
 def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
-        config: TrainConfig, resume: bool = False) -> History:
-    """Trains distiller.student (and the method's own modules) for config.epochs epochs.
+        settings: LoopSettings, resume: bool = False) -> History:
+    """Trains distiller.student (and the method's own modules) for settings.epochs epochs.
 
     Under torchrun (a process group of W > 1 ranks) the distiller is wrapped in DDP and every
     rank must call fit with the same arguments; it returns the same History on every rank.
@@ -294,23 +297,23 @@ def fit(distiller, train_set: Dataset, test_set: Dataset, optimizer, scheduler,
     device = next(distiller.student.parameters()).device
     rank, world = distributed.rank(), distributed.world_size()
     # Checked before the run folder is made: a run that cannot start leaves nothing.
-    GlobalBatchSampler(len(train_set), config.batch_size, config.seed, 0, rank, world)
+    GlobalBatchSampler(len(train_set), settings.batch_size, settings.seed, 0, rank, world)
     model = wrap_for_ddp(distiller, device)
-    folder = Path(config.out_dir) if config.out_dir is not None else None
+    folder = Path(settings.out_dir) if settings.out_dir is not None else None
     with contextlib.ExitStack() as stack:
         plan = None
         if folder is not None:
             failure = None
             if rank == 0:  # rank 0 alone holds the folder: its lock, its files
-                plan = run_plan(distiller, config)
+                plan = run_plan(distiller, settings)
                 try:
                     stack.enter_context(run_folder.training_into(
-                        folder, plan, resume, config.overwrite))
+                        folder, plan, resume, settings.overwrite))
                 except run_folder.RunFolderError as error:
                     failure = str(error)
             _on_every_rank(failure)
         return _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler,
-                             config, resume, device, folder, plan)
+                             settings, resume, device, folder, plan)
 
 
 def wrap_for_ddp(distiller, device: torch.device):
@@ -336,25 +339,25 @@ class _Resumed:
 
 
 def resume_from_last(distiller, optimizer, scheduler, scaler, last: Optional[Path],
-                     config: TrainConfig, device: torch.device, wanted: bool) -> _Resumed:
+                     settings: LoopSettings, device: torch.device, wanted: bool) -> _Resumed:
     """Where the run starts: from last.pt (model, optimiser, scheduler, scaler, history and
     this rank's RNG states) when resuming and it exists, else from epoch 0."""
     if not (wanted and last is not None and last.exists()):
         return _Resumed(History(), 0, None)
-    state = _resume_state(distiller, optimizer, scheduler, scaler, last, config, device)
+    state = _resume_state(distiller, optimizer, scheduler, scaler, last, settings, device)
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rng) == distributed.world_size():  # with another process count the RNG streams
         _set_rng_state(rng[distributed.rank()], device)  # start afresh
     return _Resumed(History(rows=state["history"]), state["epoch"] + 1, state.get("best"))
 
 
-def _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler, config,
+def _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler, settings,
                   resume: bool, device, folder: Optional[Path], plan: Optional[dict]) -> History:
     """Resume, then per epoch: its steps, the scheduler, the test accuracy, the commit."""
     main = distributed.rank() == 0
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=settings.precision == "fp16")
     last = folder / run_folder.LAST if folder is not None else None
-    start = resume_from_last(distiller, optimizer, scheduler, scaler, last, config, device,
+    start = resume_from_last(distiller, optimizer, scheduler, scaler, last, settings, device,
                              resume)
     history, best = start.history, start.best
     if folder is not None and main:
@@ -363,17 +366,17 @@ def _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler, c
         if history.rows:
             _repair_derived_files(folder, best, history.rows)
     board = (_tensorboard(folder, start.start_epoch)
-             if config.tensorboard and main and start.start_epoch < config.epochs else None)
+             if settings.tensorboard and main and start.start_epoch < settings.epochs else None)
 
-    for epoch in range(start.start_epoch, config.epochs):
+    for epoch in range(start.start_epoch, settings.epochs):
         started = time.time()
-        names, means = train_epoch(distiller, model, train_set, optimizer, scaler, config,
+        names, means = train_epoch(distiller, model, train_set, optimizer, scaler, settings,
                                    epoch, device, last)
         if scheduler is not None:
             scheduler.step()
         row = {"epoch": epoch, **dict(zip(names, means)),
-               "test_acc": evaluate(distiller.student, test_set, precision=config.precision,
-                                    num_workers=config.num_workers),
+               "test_acc": evaluate(distiller.student, test_set, precision=settings.precision,
+                                    num_workers=settings.num_workers),
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.time() - started}
         history.rows.append(row)
         if folder is not None:
@@ -395,23 +398,23 @@ def _train_epochs(distiller, model, train_set, test_set, optimizer, scheduler, c
     return history
 
 
-def train_epoch(distiller, model, train_set, optimizer, scaler, config: TrainConfig,
+def train_epoch(distiller, model, train_set, optimizer, scaler, settings: LoopSettings,
                 epoch: int, device: torch.device, last: Optional[Path]):
     """One epoch of steps over this rank's share of the (seed, epoch) permutation; returns
     the loss terms' names and their means over the epoch (global means under DDP)."""
     rank, world = distributed.rank(), distributed.world_size()
     distiller.train()
-    batches = GlobalBatchSampler(len(train_set), config.batch_size, config.seed, epoch,
+    batches = GlobalBatchSampler(len(train_set), settings.batch_size, settings.seed, epoch,
                                  rank, world)
     loader = DataLoader(IndexedDataset(train_set), batch_sampler=batches,
-                        num_workers=config.num_workers, pin_memory=device.type == "cuda")
+                        num_workers=settings.num_workers, pin_memory=device.type == "cuda")
     sums: Optional[torch.Tensor] = None
     names: List[str] = []
     steps = 0
-    bar = _progress(loader, config.progress and rank == 0,
-                    f"epoch {epoch + 1}/{config.epochs}")
+    bar = _progress(loader, settings.progress and rank == 0,
+                    f"epoch {epoch + 1}/{settings.epochs}")
     for batch in bar:
-        names, values = train_step(model, batch, optimizer, scaler, config.precision, device,
+        names, values = train_step(model, batch, optimizer, scaler, settings.precision, device,
                                    epoch, last)
         sums = values if sums is None else sums + values
         steps += 1

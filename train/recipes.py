@@ -22,8 +22,9 @@ RECIPES = {
     "digits": Recipe(epochs=30, batch_size=32, lr=0.05, lr_decay_epochs=(20, 25),
                      weight_decay=5e-4),
 }
-# The benchmark trains these students with lr 0.01 on CIFAR.
+# The benchmark trains these students with a smaller lr on CIFAR.
 SMALL_LR_MODELS = ("mobilenet", "shuffle")
+SMALL_LR = 0.01
 
 
 # The benchmark's initialisation stage of two-stage methods (AB, FT, FSP) runs at the
@@ -31,6 +32,24 @@ SMALL_LR_MODELS = ("mobilenet", "shuffle")
 # (helper/pretrain.py of the CRD benchmark).
 INIT_STAGE_EPOCHS = 30
 SMALL_INIT_LR = {"ft": ("resnet", "wrn_")}
+SMALL_INIT_STAGE_LR = 0.01
+
+
+def describe_recipes() -> str:
+    """The recipes in words, for the command line's help (written from RECIPES, never
+    retyped)."""
+    def epochs(r: Recipe) -> str:
+        return "/".join(str(e) for e in r.lr_decay_epochs)
+
+    def decay(r: Recipe) -> str:
+        return f"{r.weight_decay:.0e}".replace("e-0", "e-")
+
+    cifar, imagenet = RECIPES["cifar"], RECIPES["imagenet"]
+    return (f"Recipes (overridable): CIFAR {cifar.epochs} epochs, batch {cifar.batch_size}, SGD "
+            f"momentum 0.9, lr {cifar.lr:g} ({SMALL_LR:g} for MobileNetV2/ShuffleNet students), "
+            f"x0.1 at {epochs(cifar)}, weight decay {decay(cifar)}; ImageNet "
+            f"{imagenet.epochs} epochs, batch {imagenet.batch_size}, lr {imagenet.lr:g}, x0.1 at "
+            f"{epochs(imagenet)}, weight decay {decay(imagenet)}.")
 
 
 def recipe_family(dataset: str) -> str:
@@ -38,9 +57,9 @@ def recipe_family(dataset: str) -> str:
 
 
 def init_stage_lr(method: str, student_name: str, lr: float, dataset: str) -> float:
-    if (recipe_family(dataset) == "cifar" and lr > 0.01
+    if (recipe_family(dataset) == "cifar" and lr > SMALL_INIT_STAGE_LR
             and student_name.startswith(SMALL_INIT_LR.get(method, ()))):
-        return 0.01
+        return SMALL_INIT_STAGE_LR
     return lr
 
 
@@ -50,7 +69,7 @@ def recipe(dataset: str, overrides: RecipeOverrides, model_name: str) -> Recipe:
     family = recipe_family(dataset)
     default = RECIPES[family]
     if family == "cifar" and any(k in model_name.lower() for k in SMALL_LR_MODELS):
-        default = default._replace(lr=0.01)
+        default = default._replace(lr=SMALL_LR)
 
     def chosen(option):
         value = getattr(overrides, option)

@@ -50,7 +50,7 @@ def only_trainable(module: torch.nn.Module, trainable):
             p.requires_grad_(True)
 
 
-def train_init_stage(distiller, train_set, test_set, config: engine.TrainConfig, lr: float,
+def train_init_stage(distiller, train_set, test_set, settings: engine.LoopSettings, lr: float,
                      weight_decay: float, epochs: int, resume: bool):
     """A two-stage method's initialisation stage: SGD at a constant lr on what the stage
     trains, `epochs` epochs, checkpointed in the run folder's init/ like any stage (a
@@ -62,14 +62,14 @@ def train_init_stage(distiller, train_set, test_set, config: engine.TrainConfig,
         return None
     trainable = stage.trainable_parameters()
     optimizer = torch.optim.SGD(trainable, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    stage_config = dataclasses.replace(
-        config, epochs=epochs,
-        out_dir=None if config.out_dir is None else Path(config.out_dir) / "init")
+    stage_settings = dataclasses.replace(
+        settings, epochs=epochs,
+        out_dir=None if settings.out_dir is None else Path(settings.out_dir) / "init")
     with only_trainable(distiller, trainable):
-        return engine.fit(stage, train_set, test_set, optimizer, None, stage_config, resume)
+        return engine.fit(stage, train_set, test_set, optimizer, None, stage_settings, resume)
 
 
-def train_model(method, student, teacher, train_set, test_set, config: engine.TrainConfig,
+def train_model(method, student, teacher, train_set, test_set, settings: engine.LoopSettings,
                 lr: float, weight_decay: float, make_scheduler, resume: bool = False,
                 device: torch.device = torch.device("cpu"), sync_bn: bool = False,
                 method_options: Optional[Dict[str, float]] = None,
@@ -92,13 +92,13 @@ def train_model(method, student, teacher, train_set, test_set, config: engine.Tr
         labels=dataset_labels(train_set) if needs("labels") else None,
         example_images=example_batch(train_set) if needs("example_images") else None,
         **(method_options or {})).to(device)
-    train_init_stage(distiller, train_set, test_set, config, lr if init_lr is None else init_lr,
+    train_init_stage(distiller, train_set, test_set, settings, lr if init_lr is None else init_lr,
                      weight_decay, init_epochs, resume)
     params = distiller.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     with only_trainable(distiller, params):
         history = engine.fit(distiller, train_set, test_set, optimizer,
-                             make_scheduler(optimizer), config, resume)
+                             make_scheduler(optimizer), settings, resume)
     return distiller, history
 
 
@@ -124,7 +124,7 @@ def run_training(request: TrainingRequest, data, teacher=None):
         teacher = teacher.to(device)
     plan = recipe(request.dataset, request.recipe, request.model)
     method_options = loss_weight_options(request.loss_weights)
-    config = engine.TrainConfig(epochs=plan.epochs, batch_size=plan.batch_size,
+    settings = engine.LoopSettings(epochs=plan.epochs, batch_size=plan.batch_size,
                                 seed=session.seed, out_dir=Path(request.out),
                                 num_workers=session.workers, precision=session.precision,
                                 progress=session.progress, tensorboard=session.tensorboard,
@@ -133,7 +133,7 @@ def run_training(request: TrainingRequest, data, teacher=None):
                                 plan=run_identity(request, teacher, method_options))
     milestones = list(plan.lr_decay_epochs)
     _, history = train_model(
-        request.method, student, teacher, train_set, test_set, config, plan.lr,
+        request.method, student, teacher, train_set, test_set, settings, plan.lr,
         plan.weight_decay,
         lambda opt: torch.optim.lr_scheduler.MultiStepLR(opt, milestones, gamma=0.1),
         resume=request.resume, device=device, sync_bn=session.sync_bn,

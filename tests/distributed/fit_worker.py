@@ -38,7 +38,7 @@ def main(out: str, method: str, batch_size: int = 32) -> None:
                                 labels=dataset_labels(train), **options).to(device)
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    config = engine.TrainConfig(epochs=4, batch_size=batch_size, seed=5,
+    config = engine.LoopSettings(epochs=4, batch_size=batch_size, seed=5,
                                 out_dir=Path(out) / "run")
     history = engine.fit(distiller, train, test, optimizer, None, config)
     if method == "crd":  # every rank's memory banks, to compare

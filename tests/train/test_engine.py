@@ -60,7 +60,7 @@ def test_mixed_precision_distillation_lowers_the_loss_and_resumes(precision, tra
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9)
 
     def fit(epochs, resume=False):
-        config = engine.TrainConfig(epochs=epochs, batch_size=32, seed=1, out_dir=tmp_path,
+        config = engine.LoopSettings(epochs=epochs, batch_size=32, seed=1, out_dir=tmp_path,
                                     precision=precision)
         return engine.fit(distiller, train, test, opt, None, config, resume=resume)
 
@@ -75,7 +75,7 @@ def test_mixed_precision_distillation_lowers_the_loss_and_resumes(precision, tra
 
 def test_unknown_precision_is_named():
     with pytest.raises(ValueError, match="precision must be one of.*'fp8'"):
-        engine.TrainConfig(epochs=1, batch_size=8, precision="fp8")
+        engine.LoopSettings(epochs=1, batch_size=8, precision="fp8")
 
 
 def test_tensorboard_gets_a_scalar_per_epoch(tmp_path):
@@ -84,7 +84,7 @@ def test_tensorboard_gets_a_scalar_per_epoch(tmp_path):
     train, test = tiny_problem()
     distiller = make_distiller("icd")
     opt = torch.optim.SGD([p for p in distiller.parameters() if p.requires_grad], lr=0.05)
-    config = engine.TrainConfig(epochs=2, batch_size=32, out_dir=tmp_path, tensorboard=True,
+    config = engine.LoopSettings(epochs=2, batch_size=32, out_dir=tmp_path, tensorboard=True,
                                 progress=True)
     history = engine.fit(distiller, train, test, opt, None, config)
     events = EventAccumulator(str(tmp_path / "tensorboard"))

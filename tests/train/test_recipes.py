@@ -20,3 +20,18 @@ def test_explicit_recipe_overrides_are_honoured_even_when_zero():
     plan = recipe("cifar100", given, "resnet8x4")
     assert plan.lr == 0.0 and plan.weight_decay == 0.0 and plan.epochs == 3
     assert plan.batch_size == 16 and plan.lr_decay_epochs == ()
+
+
+def test_the_help_states_the_recipes_from_the_table(monkeypatch, capsys):
+    import pytest
+
+    from train import recipes
+    from train.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "CIFAR 240 epochs, batch 64" in " ".join(capsys.readouterr().out.split())
+    monkeypatch.setitem(recipes.RECIPES, "cifar", recipes.RECIPES["cifar"]._replace(epochs=123))
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "CIFAR 123 epochs" in " ".join(capsys.readouterr().out.split())

@@ -42,7 +42,7 @@ def train_into(folder, epochs=EPOCHS, resume=False, overwrite=False, distiller=N
     distiller = distiller if distiller is not None else small_student()
     opt = torch.optim.SGD(distiller.trainable_parameters(), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    config = engine.TrainConfig(epochs=epochs, batch_size=32, seed=1, out_dir=folder,
+    config = engine.LoopSettings(epochs=epochs, batch_size=32, seed=1, out_dir=folder,
                                 overwrite=overwrite, plan={"student": "resnet8"})
     return engine.fit(distiller, train, test, opt, sched, config, resume=resume)
 
@@ -218,7 +218,7 @@ def test_nan_weights_after_a_good_epoch_keep_the_good_checkpoint(tmp_path):
     train, test = tiny_problem()
     opt = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-    config = engine.TrainConfig(epochs=2, batch_size=len(train), seed=1, out_dir=folder,
+    config = engine.LoopSettings(epochs=2, batch_size=len(train), seed=1, out_dir=folder,
                                 plan={"student": "resnet8"})
     # One step per epoch at lr NaN: that step's weights are the epoch's last.
     original_load = opt.load_state_dict

@@ -192,7 +192,7 @@ def test_missing_or_bad_labels_get_clear_errors():
 
 
 def test_training_crd_on_a_data_set_without_labels_says_so():
-    config = engine.TrainConfig(epochs=1, batch_size=2)
+    config = engine.LoopSettings(epochs=1, batch_size=2)
     with pytest.raises(ValueError, match="cannot read the labels of a Unlabelled"):
         train_model("crd", small_net(8), small_net(16), Unlabelled(), Unlabelled(), config,
                     0.1, 0.0, lambda opt: None)
@@ -266,7 +266,7 @@ def crd_run(train, test, epochs, out_dir, resume, seed):
     distiller.negatives.register_forward_hook(lambda m, i, out: drawn.append(out.clone()))
     params = [p for p in distiller.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
-    config = engine.TrainConfig(epochs=epochs, batch_size=32, seed=3, out_dir=out_dir)
+    config = engine.LoopSettings(epochs=epochs, batch_size=32, seed=3, out_dir=out_dir)
     engine.fit(distiller, train, test, optimizer, None, config, resume=resume)
     return distiller, drawn
 

@@ -212,7 +212,7 @@ def digits_models(student_seed=0):
 def fit_two_stage(method, out_dir, init_epochs, seed=0, resume=False):
     train, test = tiny_digits()
     student, teacher = digits_models(seed)
-    config = engine.TrainConfig(epochs=1, batch_size=16, seed=3, out_dir=out_dir)
+    config = engine.LoopSettings(epochs=1, batch_size=16, seed=3, out_dir=out_dir)
     return train_model(method, student, teacher, train, test, config, 0.05, 5e-4,
                        lambda opt: None, resume=resume, init_epochs=init_epochs)
 
@@ -223,7 +223,7 @@ def test_two_stage_methods_run_both_stages(method, tmp_path):
     student, teacher = digits_models()
     distiller = build_distiller(method, student, teacher, example_images=torch.zeros(2, 1, 8, 8))
     before = copy.deepcopy(distiller.state_dict())
-    config = engine.TrainConfig(epochs=1, batch_size=16, seed=3, out_dir=tmp_path)
+    config = engine.LoopSettings(epochs=1, batch_size=16, seed=3, out_dir=tmp_path)
     history = train_init_stage(distiller, train, test, config, lr=0.05, weight_decay=5e-4,
                                epochs=1, resume=False)
     assert f"{method}_init" in history.rows[0] and (tmp_path / "init" / "last.pt").exists()
@@ -252,7 +252,7 @@ def test_two_stage_methods_resume_from_inside_the_initialisation_stage(tmp_path)
         student, teacher = digits_models()
         distiller = build_distiller("ab", student, teacher,
                                     example_images=torch.zeros(2, 1, 8, 8))
-        config = engine.TrainConfig(epochs=1, batch_size=16, seed=3, out_dir=tmp_path / "split")
+        config = engine.LoopSettings(epochs=1, batch_size=16, seed=3, out_dir=tmp_path / "split")
         train_init_stage(distiller, train, test, config, 0.05, 5e-4, epochs=1, resume=False)
         assert len((tmp_path / "split" / "init" / "log.csv").read_text().splitlines()) == 2
         # ... then resumed by a process that starts from other weights and RNG state.

@@ -399,7 +399,7 @@ def fit_digits(distiller, out_dir, epochs, resume=False):
     train, test = digits_datasets(image_size=8)
     train, test = stratified_subset(train, 0.06, 0), stratified_subset(test, 0.1, 0)
     optimizer = torch.optim.SGD(distiller.trainable_parameters(), lr=0.05, momentum=0.9)
-    config = engine.TrainConfig(epochs=epochs, batch_size=16, seed=1, out_dir=out_dir)
+    config = engine.LoopSettings(epochs=epochs, batch_size=16, seed=1, out_dir=out_dir)
     return engine.fit(distiller, train, test, optimizer, None, config, resume=resume)
 
 
