@@ -2,7 +2,6 @@
 (tests/fixtures/methods.json), each method lowering its own loss, the loss weights, and the
 two-stage methods' initialisation stage (both stages, checkpoints, resume)."""
 import copy
-import math
 
 import pytest
 import torch
@@ -17,7 +16,8 @@ from train.models import build_model, feature_points
 from train.recipes import init_stage_lr
 from train.training import train_init_stage, train_model
 
-from helpers import methods, methods_input, printed_table, reference_model, write_cifar100
+from helpers import (assert_steps_lower_the_loss, methods, methods_input, printed_table,
+                     reference_model, write_cifar100)
 
 FIXTURE = methods()
 METHODS = sorted(DEFAULT_BETAS)
@@ -143,20 +143,7 @@ def test_every_method_lowers_its_own_loss(method, precision):
     labels = torch.arange(8) % 10
     distiller = build_distiller(method, student, teacher, example_images=images[:2])
     stage = distiller.init_stage() if method in TWO_STAGE_METHODS else distiller
-    # Adam: steps of one size whatever the method's weight (beta 1 to 30000).
-    optimizer = torch.optim.Adam(stage.trainable_parameters(), lr=3e-3)
-    values = []
-    stage.train()
-    for _ in range(4):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            _, losses = stage(images, labels)
-        values.append(losses[own_loss_key(method)].item())
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
-    assert all(math.isfinite(v) for v in values)
-    assert all(b < a for a, b in zip(values, values[1:])), values
-    assert values[-1] < 0.997 * values[0], values
+    assert_steps_lower_the_loss(stage, images, labels, own_loss_key(method), precision)
 
 
 def test_loss_weights_scale_the_method_and_kd_joins_on_request():
