@@ -224,23 +224,29 @@ ensure_build() {
   if end_step "$status" "$detail"; then BUILD_STATE=ok; else BUILD_STATE=failed; return 1; fi
 }
 
+# Ends the current step with the exit status of its command and the verdict a tool reads from
+# its report (a failed verdict fails a step whose command exited 0).
+end_step_with_verdict() {
+  local status=$1 verdict=$2 report=$3 detail
+  if dry; then
+    detail="dry run"
+  elif ! detail="$(tool "$verdict" "$report")" && (( status == 0 )); then
+    status=1
+  fi
+  end_step "$status" "$detail"
+}
+
 # pytest on the GPU with its JUnit report: the verdict counts passed, failed and skipped
 # tests (a skip fails it: every CUDA test must run there).
 run_tests() {
-  local step=$1 cap=$2 root=$3 status detail report="$LOGS/${1//:/-}.xml"
+  local step=$1 cap=$2 root=$3 report="$LOGS/${1//:/-}.xml"
   shift 3
   begin_step "$step"
   # -v: the log names each test as it ends, so a run cut short still shows how far it got;
   # a test hanging for 2 minutes gets its traceback dumped.
   run_step "$cap" env -C "$root" PYTHONPATH="$root" "$PY" -m pytest -v --tb=short \
     -p no:cacheprovider -o faulthandler_timeout=120 --junitxml="$report" "$@"
-  status=$?
-  if dry; then
-    detail="dry run"
-  else
-    if ! detail="$(tool junit-verdict "$report")" && (( status == 0 )); then status=1; fi
-  fi
-  end_step "$status" "$detail"
+  end_step_with_verdict $? junit-verdict "$report"
 }
 
 stage_quick() {
@@ -267,7 +273,7 @@ stage_quick() {
 
 stage_sanitize() {
   ensure_build sanitize || { note "sanitize: SKIPPED (no build)"; return 1; }
-  local sanitizer tool_name status detail
+  local sanitizer tool_name
   sanitizer="$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")"
   if ! dry && [[ ! -x "$sanitizer" ]]; then
     note "sanitize: FAIL (0 s) compute-sanitizer is neither on PATH nor at $sanitizer"
@@ -280,13 +286,7 @@ stage_sanitize() {
     # prints its last line, and the verdict fails.
     run_step 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$sanitizer" --tool "$tool_name" \
       --report-api-errors no --error-exitcode 3 "$PY" bench/sanitize_workload.py
-    status=$?
-    if dry; then
-      detail="dry run"
-    else
-      if ! detail="$(tool sanitizer-verdict "$RUNNING_LOG")" && (( status == 0 )); then status=1; fi
-    fi
-    end_step "$status" "$detail"
+    end_step_with_verdict $? sanitizer-verdict "$RUNNING_LOG"
   done
 }
 

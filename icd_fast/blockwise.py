@@ -112,9 +112,6 @@ def backward_rows(unit: torch.Tensor, norms: torch.Tensor, log_scale: torch.Tens
     same one (on a GPU, float32), so that they form the forward's logits.
     """
     matmul = torch.backends.cuda.matmul
-    if matmul.allow_tf32 == allow_tf32:
-        return _backward_rows(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce,
-                              weight_kl, row_begin, row_count, max_scale, grad_dtype, tile)
     before, matmul.allow_tf32 = matmul.allow_tf32, allow_tf32
     try:
         return _backward_rows(unit, norms, log_scale, row_lse, col_lse, row_kl, weight_ce,

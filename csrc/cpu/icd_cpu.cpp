@@ -190,7 +190,6 @@ struct RowRange {
   int64_t row_tile_begin(int64_t tile) const { return begin + tile * kTile; }
   int64_t row_tile_size(int64_t tile) const { return std::min(kTile, count - tile * kTile); }
   int64_t col_tile_size(int64_t tile) const { return std::min(kTile, n - tile * kTile); }
-  int64_t max_tile() const { return std::min(kTile, std::max(count, n)); }
 };
 
 // Calls fn(i0, bi, cos_x, cos_y, scratch) once per row tile [i0, i0 + bi), on the worker that
