@@ -19,7 +19,7 @@ import torch.distributed as dist
 from . import _ops
 from ._checks import check_inputs
 from ._row_range import SHARDED_BACKENDS, RowRangeICD, all_gather_stacked, row_range_implementation
-from .functional import ICDLossParts, icd_loss
+from .functional import ICDLossParts, icd_loss, with_zero_bias_gradient
 
 def _check_same_rows(z_s: torch.Tensor, group) -> None:
     """Every rank must pass the same (B, D) and dtype, else the gather would fail or hang:
@@ -77,8 +77,7 @@ def icd_loss_sharded(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torc
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return icd_loss(z_s, z_t, log_scale, bias, alpha=alpha, max_scale=max_scale,
-                        backend="blockwise" if backend == "blockwise" else backend,
-                        return_parts=return_parts)
+                        backend=backend, return_parts=return_parts)
     log_scale = _ops.as_log_scale(log_scale, z_s)
     check_inputs(z_s, z_t, log_scale, bias, alpha, max_scale)
     implementation = row_range_implementation(backend, z_s.device)
@@ -86,9 +85,7 @@ def icd_loss_sharded(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torc
     loss, ce, kl = RowRangeICD.apply(z_s, z_t, log_scale, float(alpha), float(max_scale),
                                      group if group is not None else dist.group.WORLD,
                                      implementation)
-    if bias is not None:
-        # b cancels in the loss; this term makes its gradient an exact 0 instead of None.
-        loss = loss + (bias * 0).sum().to(loss.dtype)
+    loss = with_zero_bias_gradient(loss, bias)
     return ICDLossParts(loss, ce, kl) if return_parts else loss
 
 

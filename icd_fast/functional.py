@@ -68,6 +68,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     return kernel
 
 
+def with_zero_bias_gradient(loss: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The loss with b attached: b cancels in the loss, and this makes its gradient an exact 0
+    instead of None (the fused and blockwise backends never see b)."""
+    return loss if bias is None else loss + (bias * 0).sum().to(loss.dtype)
+
+
 def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor, float],
              bias: Optional[torch.Tensor] = None, *, alpha: float = 0.5,
              max_scale: float = 10.0, backend: str = "auto",
@@ -116,14 +122,11 @@ def icd_loss(z_s: torch.Tensor, z_t: torch.Tensor, log_scale: Union[torch.Tensor
     if chosen == "reference":
         loss, ce, kl = icd_loss_reference(z_s, z_t, log_scale, bias, alpha=alpha,
                                           max_scale=max_scale, return_parts=True)
+    elif chosen == "blockwise":
+        loss, ce, kl = RowRangeICD.apply(z_s, z_t, log_scale, float(alpha), float(max_scale),
+                                         None, BLOCKWISE)
+        loss = with_zero_bias_gradient(loss, bias)
     else:
-        if chosen == "blockwise":
-            loss, ce, kl = RowRangeICD.apply(z_s, z_t, log_scale, float(alpha),
-                                             float(max_scale), None, BLOCKWISE)
-        else:
-            loss, ce, kl = _ops.fused_forward(z_s, z_t, log_scale, float(alpha),
-                                              float(max_scale))
-        if bias is not None:
-            # b cancels in the loss; this term makes its gradient an exact 0 instead of None.
-            loss = loss + (bias * 0).sum().to(loss.dtype)
+        loss, ce, kl = _ops.fused_forward(z_s, z_t, log_scale, float(alpha), float(max_scale))
+        loss = with_zero_bias_gradient(loss, bias)
     return ICDLossParts(loss, ce, kl) if return_parts else loss
