@@ -66,7 +66,8 @@ def demangled_kernel(name):
     except FileNotFoundError:
         return name
     out = out.replace("icd_fast::cuda::", "").replace("c10::", "")
-    return re.sub(r"\(.*\)$", "", out)
+    out = re.sub(r"^void ", "", out)
+    return re.sub(r"\(.*\)$", "", out) or name
 
 
 def loop_mix(body):

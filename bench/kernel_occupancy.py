@@ -16,8 +16,11 @@ import argparse
 import collections
 import math
 import re
-import subprocess
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernel_instruction_mix import demangled_kernel  # noqa: E402
 
 # Per-SM limits (CUDA C Programming Guide, "Compute Capabilities"), and the SM counts of the
 # A100 (sm_80) and H100 SXM (sm_90).
@@ -70,16 +73,6 @@ def column_split(row_tiles, n, target_blocks):
     return math.ceil(tiles / per_split), per_split
 
 
-def demangled(name):
-    try:
-        out = subprocess.run(["c++filt", name], capture_output=True, text=True).stdout.strip()
-    except FileNotFoundError:
-        return name
-    out = out.replace("icd_fast::cuda::", "").replace("c10::", "")
-    out = re.sub(r"^void ", "", out)
-    return re.sub(r"\(.*\)$", "", out) or name
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("build_log", help="output of setup.py build_ext (ptxas -v lines)")
@@ -93,18 +86,18 @@ def main(argv=None):
 
     print(f"{'kernel':<70} {'arch':<6} {'regs':>4} {'smem':>6} {'spills':>7} {'blocks/SM':>9}")
     tile_blocks = collections.defaultdict(list)  # arch -> blocks/SM of the tile kernels
-    for (name, arch), k in sorted(kernels.items(), key=lambda item: (demangled(item[0][0]),
+    for (name, arch), k in sorted(kernels.items(), key=lambda item: (demangled_kernel(item[0][0]),
                                                                       item[0][1])):
         if k["registers"] is None or arch not in ARCHS:
             continue
         per_sm = blocks_per_sm(k["registers"], k["smem"], arch)
-        label = demangled(name)
+        label = demangled_kernel(name)
         if label.startswith(("forward_kernel", "backward_kernel")):
             tile_blocks[arch].append(per_sm)
         spills = k["spill_stores"] + k["spill_loads"]
         print(f"{label[:70]:<70} {arch:<6} {k['registers']:>4} {k['smem']:>6} {spills:>7} "
               f"{per_sm:>9}")
-    spilling = [demangled(n) + " " + a for (n, a), k in kernels.items()
+    spilling = [demangled_kernel(n) + " " + a for (n, a), k in kernels.items()
                 if k["spill_stores"] or k["spill_loads"]]
     print(f"\nkernels with spills: {len(spilling)}" + "".join(f"\n  {s}" for s in spilling))
 
